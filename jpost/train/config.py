@@ -1,0 +1,73 @@
+"""The config tree every recipe in configs/ starts from, and the `:key=value` preset argument.
+
+A recipe (`configs/dpo.py`) calls `base_config(objective, arg)`, sets its defaults and returns the
+tree; `scripts/train.py` loads it with `lock_config=True`, so `--config.optim.lrr=1` fails with a
+suggestion instead of being ignored.
+"""
+import difflib
+import json
+import os
+
+import ml_collections
+
+from jpost.data import config as data_config
+from jpost.losses import registry
+from jpost.train import optim
+
+
+def parse_arg(arg: str | None, allowed: dict) -> dict:
+  """'model=qwen3_0_6b,loss=ipo' -> {'model': 'qwen3_0_6b', 'loss': 'ipo'}; unknown keys fail."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r}: expected key=value (keys: {sorted(allowed)})")
+    key, value = item.split("=", 1)
+    if key not in allowed:
+      hint = difflib.get_close_matches(key, allowed, n=1)
+      raise ValueError(f"config argument {key!r} is not a preset key"
+                       + (f"; did you mean {hint[0]!r}?" if hint else f" (keys: {sorted(allowed)})"))
+    out[key] = value
+  return {**allowed, **out}
+
+
+def base_config(objective: str) -> ml_collections.ConfigDict:
+  obj = registry.get_objective(objective)
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      name="tiny",              # a named ModelConfig (jpost.models.get_model_config)
+      init="random",            # random | hf:PATH | ckpt:PATH (a jpost workdir or checkpoint dir)
+      dtype="float32",          # compute dtype
+      param_dtype="float32",    # master weights
+      remat="none",
+  )
+  c.objective = obj.default_config().to_dict()
+  c.objective.name = objective
+  c.data = data_config.default_config()
+  c.train = dict(
+      steps=100,
+      batch_size=16,            # examples (pairs for pairwise data) per optimiser step, all hosts
+      grad_accum=1,             # micro-batches per step; batch_size must divide by it
+      seed=0,
+      log_every=10,
+      max_nonfinite_streak=5,   # abort after this many consecutive skipped (non-finite) steps
+  )
+  c.warm_start = dict(
+      sft_steps=0,              # >0: first run this many SFT steps (same data, chosen side) and
+      sft_lr=1e-3,              # start the policy and the reference from the result
+  )
+  c.optim = optim.default_config()
+  c.eval = dict(every_steps=50, batch_size=32, max_batches=0)   # 0 = the whole held-out split
+  c.checkpoint = dict(every_steps=100, keep=2, async_save=True)
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.ops = dict(impl="auto")     # token_logprobs implementation
+  c.ref = dict(precompute=False)
+  c.export = dict(hf_dir="")    # write HF safetensors here at the end of training
+  c.log = dict(tensorboard=True)
+  return c
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  return path

@@ -1,0 +1,99 @@
+"""Metrics out of the loop: JSONL (always), TensorBoard (process 0), a progress line, MFU."""
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device kind (vendor figures); unknown kinds report no MFU.
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops(device=None) -> float | None:
+  kind = (device or jax.devices()[0]).device_kind
+  for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def train_flops_per_token(model_cfg, seq_len: int, n_params: int) -> float:
+  """6N for the matmuls with parameters plus causal attention scores (Chinchilla-style count).
+
+  Attention: QK^T and PV are 2 * 2 * T * heads * head_dim FLOPs per token forward, halved for the
+  causal mask, tripled for forward + backward.
+  """
+  attn = 3 * 2 * 2 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * seq_len / 2
+  return 6 * n_params + attn
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to <workdir>/metrics.jsonl (+ TensorBoard)."""
+
+  def __init__(self, workdir: str, *, is_main: bool, tensorboard: bool = True):
+    self.is_main = is_main
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if is_main and tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: optional at run time
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict):
+    if not self.is_main:
+      return
+    row = {"step": int(step)}
+    for k, v in metrics.items():
+      v = float(np.asarray(v))
+      row[k] = v if math.isfinite(v) else str(v)
+      if self._tb is not None and math.isfinite(v):
+        self._tb.add_scalar(k, v, int(step))
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """One line per logged step: loss, tokens/s (total and per device), MFU, ETA."""
+
+  def __init__(self, total_steps: int, flops_per_token: float | None, n_devices: int,
+               stream=sys.stdout):
+    self.total = total_steps
+    self.flops_per_token = flops_per_token
+    self.n_devices = n_devices
+    self.peak = device_peak_flops()
+    self.stream = stream
+    self._t0 = None
+    self._tokens = 0
+
+  def start(self, step: int):
+    self._t0, self._step0, self._tokens = time.perf_counter(), step, 0
+
+  def line(self, step: int, metrics: dict, tokens: float, key="train/loss") -> dict:
+    """Adds perf metrics for the window since the last call and prints the line."""
+    self._tokens += tokens
+    now = time.perf_counter()
+    dt = max(now - self._t0, 1e-9)
+    steps = max(step - self._step0, 1)
+    tok_s = self._tokens / dt
+    perf = {"perf/tokens_per_s": tok_s, "perf/tokens_per_s_per_device": tok_s / self.n_devices,
+            "perf/step_time_s": dt / steps}
+    mfu = ""
+    if self.flops_per_token and self.peak:
+      perf["perf/mfu"] = tok_s * self.flops_per_token / (self.peak * self.n_devices)
+      mfu = f" mfu {100 * perf['perf/mfu']:.1f}%"
+    eta = (self.total - step) * dt / steps
+    loss = metrics.get(key, float("nan"))
+    print(f"step {step}/{self.total} loss {float(loss):.4f} {tok_s:,.0f} tok/s"
+          f" ({tok_s / self.n_devices:,.0f}/dev){mfu} eta {eta:.0f}s", file=self.stream, flush=True)
+    self._t0, self._step0, self._tokens = now, step, 0
+    return perf

@@ -1,0 +1,148 @@
+"""The train state and the one jitted offline `train_step` shared by every offline objective.
+
+A step receives k stacked micro-batches (leaves shaped [k, b, ...]; k = train.grad_accum). The
+global denominators (loss tokens, examples or pairs) are computed over all k first and written into
+every micro-batch, so summing the micro-batch losses and gradients gives exactly the loss and
+gradient of one large batch (losses are additive; docs/architecture.md).
+"""
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpost.train import forward
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array                 # int32 scalar: optimiser updates applied (skips included)
+  params: Any                     # {'lm': decoder params, optional 'reward_head': ...}
+  opt_state: Any
+  rng: jax.Array                  # a raw uint32 PRNG key (orbax-saveable), split per step
+  objective_state: Any            # e.g. BCO's running reward mean; {} for stateless objectives
+  skipped_steps: jax.Array        # total steps skipped for non-finite loss / gradients
+  nonfinite_streak: jax.Array     # consecutive skips (the loop aborts after a limit)
+
+
+def init_state(params, optimizer, seed: int, objective_state=None) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+      rng=jax.random.PRNGKey(seed), objective_state=objective_state or {},
+      skipped_steps=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
+
+
+def with_global_denominators(batch, denom_unit: str):
+  """Adds `denom_tokens` / `denom_examples` (totals over all k micro-batches) to each of them."""
+  k = batch["loss_mask"].shape[0]
+  tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+  examples = jnp.sum(batch["example_valid"].astype(jnp.float32))
+  if denom_unit == "pairs":
+    examples = examples / 2
+  examples = jnp.maximum(examples, 1.0)
+  return dict(batch, denom_tokens=jnp.full((k,), tokens), denom_examples=jnp.full((k,), examples))
+
+
+def combine_metrics(stacked):
+  """Micro-batch metrics [k] -> one value: additive by contract, `_max` / `_min` by max / min."""
+  def one(name, v):
+    if name.endswith("_max"):
+      return jnp.max(v)
+    if name.endswith("_min"):
+      return jnp.min(v)
+    return jnp.sum(v)
+  return {name: one(name, v) for name, v in stacked.items()}
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.stack(leaves).all()
+
+
+def make_train_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, denom_unit: str,
+                    optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    update_objective_state: Callable | None = None):
+  """Builds `train_step(state, ref_params, batch) -> (state, metrics)` (to be jitted)."""
+
+  def micro_loss(params, ref_params, mb, objective_state):
+    logps = forward.compute_logps(spec, params, ref_params, mb)
+    if update_objective_state is not None:
+      mb = dict(mb, objective_state=objective_state)
+    loss, metrics = loss_fn(logps, mb, loss_cfg)
+    return loss, metrics
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, ref_params, batch):
+    batch = with_global_denominators(batch, denom_unit)
+
+    def accumulate(grads_acc, mb):
+      (loss, metrics), grads = grad_fn(state.params, ref_params, mb, state.objective_state)
+      grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
+      return grads_acc, (loss, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, batch)
+    loss = jnp.sum(losses)
+    metrics = combine_metrics(metrics)
+
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    # Non-finite values must not reach the optimiser state (Adam's moments would keep the NaN),
+    # so the update is computed on zeroed gradients and then discarded by the select below.
+    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    objective_state = state.objective_state
+    if update_objective_state is not None:
+      objective_state = keep(update_objective_state(objective_state, metrics), objective_state)
+
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        rng=jax.random.split(state.rng)[0],
+        objective_state=objective_state,
+        skipped_steps=skipped,
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+    metrics.update({
+        "train/loss": loss,
+        "train/grad_norm": optax.global_norm(grads),
+        "train/lr": schedule(state.step),
+        "train/skipped_steps": skipped,
+        "train/nonfinite_streak": new_state.nonfinite_streak,
+        "train/tokens": jnp.sum(batch["segment_ids"] > 0),
+        "train/loss_tokens": jnp.sum(batch["loss_mask"]),
+    })
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, with_greedy: bool):
+  """`eval_step(params, ref_params, batch) -> metrics` for one eval batch (no stacking).
+
+  The caller puts the totals of the whole eval set into `denom_*`, so summing the per-batch
+  metrics gives exact full-set means.
+  """
+
+  def eval_step(params, ref_params, batch, objective_state):
+    logps = forward.compute_logps(spec, params, ref_params, batch)
+    if objective_state:
+      batch = dict(batch, objective_state=objective_state)
+    loss, metrics = loss_fn(logps, batch, loss_cfg)
+    metrics = dict(metrics, loss=loss)
+    if with_greedy:
+      h = forward.hidden(spec.model_cfg, params["lm"], batch)
+      match_BT = forward.greedy_match(spec.model_cfg, params["lm"], h, batch)
+      # An example is correct when every one of its loss tokens is the arg-max token.
+      miss_BT = (1.0 - match_BT) * batch["loss_mask"]
+      misses_S = jax.ops.segment_sum(miss_BT.reshape(-1), batch["seq_index"].reshape(-1),
+                                     num_segments=batch["example_valid"].shape[0])
+      correct = jnp.sum((misses_S == 0) * batch["example_valid"])
+      metrics["accuracy"] = correct / batch["denom_examples"]
+    return metrics
+
+  return eval_step
