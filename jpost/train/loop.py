@@ -132,13 +132,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
   if cfg.warm_start.sft_steps > 0 and cfg.model.init == "random":
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.model.init = _warm_start(cfg, workdir)
-  if is_main:
-    tconfig.save_config(cfg, workdir)
   objective = registry.get_objective(cfg.objective.name)
   mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
   rules = sharding.default_rules()
   tokenizer = jdata.make_tokenizer(cfg.data)
   model_cfg = _model_config(cfg, tokenizer)
+  if is_main:
+    tconfig.save_config(cfg, workdir)
+    models.write_model_config_json(model_cfg, os.path.join(workdir, "model_config.json"))
   steps = cfg.train.steps
   if cfg.train.batch_size % cfg.train.grad_accum:
     raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
@@ -240,12 +241,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       if pending is not None:
         window_tokens = _check_and_log(pending, cfg, writer, progress, window_tokens)
       pending = (step, metrics)
-      if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and eval_batches:
+      do_eval = cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and eval_batches
+      do_save = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) \
+          or preemption.requested
+      if do_eval or do_save:
+        # Flush this step's metrics first so a checkpoint never gets ahead of metrics.jsonl.
+        window_tokens = _check_and_log(pending, cfg, writer, progress, window_tokens, force=True)
+        pending = None
+      if do_eval:
         last_eval = evaluate(step)
-      if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-        save(step)
+      if do_save:
+        save(step, force=preemption.requested)
+        _test_fault_injection(step, ckpt)
       if preemption.requested:
-        save(step, force=True)
         ckpt.close()
         print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting cleanly", flush=True)
         return {"preempted_at": step, "workdir": workdir}
@@ -269,6 +277,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       print(f"metrics:     {writer.path}\nplot:        {plot_path}\ncheckpoints: {ckpt.directory}"
             + (f"\nHF export:   {cfg.export.hf_dir}" if cfg.export.hf_dir else ""), flush=True)
     return summary
+
+
+def _test_fault_injection(step, ckpt):
+  """Fault injection for the resume tests: JPOST_TEST_FAULT=kill_after_save:N|kill_during_save:N.
+
+  SIGKILL leaves no chance to clean up, exactly like a preempted VM or an OOM kill.
+  """
+  spec = os.environ.get("JPOST_TEST_FAULT")
+  if not spec:
+    return
+  kind, at = spec.split(":")
+  if int(at) != step:
+    return
+  if kind == "kill_after_save":
+    ckpt.wait()
+  elif kind != "kill_during_save":
+    raise ValueError(f"JPOST_TEST_FAULT={spec!r}")
+  os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _check_and_log(pending, cfg, writer, progress, window_tokens, force=False):
