@@ -109,7 +109,7 @@ def make_train_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, deno
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
     metrics.update({
         "train/loss": loss,
-        "train/grad_norm": optax.global_norm(grads),
+        "train/grad_norm": optax.tree.norm(grads),
         "train/lr": schedule(state.step),
         "train/skipped_steps": skipped,
         "train/nonfinite_streak": new_state.nonfinite_streak,

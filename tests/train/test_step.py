@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jpost import data as jdata
@@ -27,10 +28,13 @@ def _setup(objective_name, data_kind):
   return model_cfg, lm, objective, next(it), tok, data_cfg
 
 
-def _step_fn(model_cfg, objective, lr=1e-2):
+def _step_fn(model_cfg, objective, lr=1e-2, sgd=False):
   opt_cfg = optim.default_config()
   opt_cfg.lr, opt_cfg.schedule, opt_cfg.clip_norm = lr, "constant", 0.0
-  optimizer = optim.make_optimizer(opt_cfg, 10)
+  # SGD makes the update linear in the gradient, so the accumulation test compares exactly what
+  # accumulation computes. (Adam's first step is ~lr * g / (|g| + eps): for gradients near eps it
+  # turns summation-order rounding into O(lr) differences that say nothing about accumulation.)
+  optimizer = optax.sgd(lr) if sgd else optim.make_optimizer(opt_cfg, 10)
   spec = forward.ForwardSpec(model_cfg=model_cfg, needs_ref=objective.needs_ref, impl="blockwise")
   loss_cfg = objective.default_config()
   fn = tstep.make_train_step(spec, objective.fn, loss_cfg, objective.denom_unit, optimizer,
@@ -59,14 +63,14 @@ def _split(batch, k):
 @pytest.mark.parametrize("objective_name,data_kind", [("nll", "sft"), ("sigmoid", "pairwise")])
 def test_grad_accumulation_equals_one_large_batch(objective_name, data_kind):
   model_cfg, lm, objective, batch, _, _ = _setup(objective_name, data_kind)
-  fn, optimizer = _step_fn(model_cfg, objective)
+  fn, optimizer = _step_fn(model_cfg, objective, sgd=True)
   params = {"lm": lm}
   ref = {"lm": lm} if objective.needs_ref else None
   # Perturb the policy away from the reference so DPO has a non-trivial gradient.
   if ref is not None:
     params = {"lm": jax.tree.map(lambda x: x * 1.05, lm)}
   results = []
-  for k in (1, 2, 4):
+  for k in (1, 4):
     state = tstep.init_state(params, optimizer, 0)
     new_state, metrics = jax.jit(fn)(state, ref, _split(batch, k))
     results.append((new_state, metrics))
@@ -102,7 +106,7 @@ def test_nonfinite_batch_is_skipped_and_counted():
 
 def test_jit_equals_no_jit():
   model_cfg, lm, objective, batch, _, _ = _setup("nll", "sft")
-  fn, optimizer = _step_fn(model_cfg, objective)
+  fn, optimizer = _step_fn(model_cfg, objective, sgd=True)
   state = tstep.init_state({"lm": lm}, optimizer, 0)
   stacked = _split(batch, 2)
   a, ma = jax.jit(fn)(state, None, stacked)
