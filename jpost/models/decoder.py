@@ -1,0 +1,317 @@
+"""The decoder: one Flax Linen implementation for Llama / Mistral / Qwen2 / Qwen3 / Gemma 2.
+
+Parameters are a plain pytree (no boxing) laid out for sharding: projections keep heads as their
+own axis ([D, H, K] rather than [D, H*K]) so `heads` can map to the tensor axis, and the layers
+are stacked on a leading `layers` axis by `nn.scan`:
+
+  embed/embedding [V, D]        layers/attn/{q,k,v}_proj/kernel [L, D, H|G, K]  (+ bias [L, H|G, K])
+  final_norm/scale [D]          layers/attn/o_proj/kernel [L, H, K, D]
+  lm_head/kernel [D, V]         layers/attn/{q,k}_norm/scale [L, K]             (Qwen3)
+  (untied only)                 layers/mlp/{gate,up}_proj/kernel [L, D, F], down_proj [L, F, D]
+                                layers/{pre,post}_{attn,mlp}_norm/scale [L, D]  (post_*: Gemma 2)
+
+Einsum legend: B batch, T tokens, D d_model, H query heads, G kv heads, K head_dim, F mlp_dim,
+V vocabulary, L layers.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpost.models import attention
+from jpost.models.config import ModelConfig
+
+_REMAT_POLICIES = {
+    "full": None,   # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# Parameters up to this many elements draw their normal init as a flat vector: the same values
+# (threefry counts in row-major order either way) but XLA:CPU compiles a flat draw ~3x faster, which
+# dominates start-up time of small models and tests. Larger ones keep their shape so that a sharded
+# init draws only each device's shard (a flat draw would be materialised whole on every device).
+_FLAT_INIT_MAX = 1 << 20
+
+
+def normal_init(stddev):
+  def init(key, shape, dtype=jnp.float32):
+    size = int(np.prod(shape))
+    draw_shape = (size,) if size <= _FLAT_INIT_MAX else shape
+    return (stddev * jax.random.normal(key, draw_shape, jnp.float32)).reshape(shape).astype(dtype)
+  return init
+
+
+def _constrain(x, names):
+  # A no-op unless logical axis rules (and a mesh) are in context: see jpost.train.sharding.
+  return nn.with_logical_constraint(x, names)
+
+
+def _param(module, name, shape, names, init, cfg):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape,
+                      jnp.dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+    scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), init, cfg)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_plus_one:
+      # Gemma multiplies in float32 and casts afterwards; Llama casts first (transformers #29402).
+      return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Proj(nn.Module):
+  """A linear map written as an einsum over named (shardable) axes, with an optional bias."""
+  cfg: ModelConfig
+  eqn: str
+  shape: tuple
+  names: tuple
+  bias_shape: tuple | None = None
+  bias_names: tuple | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = _param(self, "kernel", self.shape, self.names,
+                    normal_init(cfg.initializer_range), cfg)
+    y = jnp.einsum(self.eqn, x, kernel.astype(cfg.dtype))
+    if self.bias_shape is not None:
+      bias = _param(self, "bias", self.bias_shape, self.bias_names, nn.initializers.zeros, cfg)
+      y = y + bias.astype(cfg.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cos_sin, segment_ids_BT, is_sliding):
+    cfg = self.cfg
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    bias = lambda n, heads: dict(bias_shape=(n, k), bias_names=(heads, "head_dim")) \
+        if cfg.qkv_bias else {}
+    q = Proj(cfg, "btd,dhk->bthk", (d, h, k), ("embed", "heads", "head_dim"),
+             **bias(h, "heads"), name="q_proj")(x_BTD)
+    kk = Proj(cfg, "btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "head_dim"),
+              **bias(g, "kv_heads"), name="k_proj")(x_BTD)
+    v = Proj(cfg, "btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "head_dim"),
+             **bias(g, "kv_heads"), name="v_proj")(x_BTD)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg, axis_name="head_dim", name="q_norm")(q)
+      kk = RMSNorm(cfg, axis_name="head_dim", name="k_norm")(kk)
+    cos, sin = cos_sin
+    q_BTHK = _constrain(attention.apply_rope(q, cos, sin),
+                        ("batch", "length", "heads", "head_dim"))
+    k_BTGK = _constrain(attention.apply_rope(kk, cos, sin),
+                        ("batch", "length", "kv_heads", "head_dim"))
+    v_BTGK = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+    index_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), segment_ids_BT.shape)
+    mask = attention.make_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT,
+                               sliding_window=cfg.sliding_window, is_sliding=is_sliding)
+    o_BTHK = attention.attend(q_BTHK, k_BTGK, v_BTGK, mask, scale=cfg.attn_scale,
+                              softcap=cfg.attn_softcap, impl=cfg.attention_impl)
+    o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "head_dim"))
+    return Proj(cfg, "bthk,hkd->btd", (h, k, d), ("heads", "head_dim", "embed"),
+                name="o_proj")(o_BTHK)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    d, f = cfg.d_model, cfg.mlp_dim
+    gate = Proj(cfg, "btd,df->btf", (d, f), ("embed", "mlp"), name="gate_proj")(x_BTD)
+    up = Proj(cfg, "btd,df->btf", (d, f), ("embed", "mlp"), name="up_proj")(x_BTD)
+    if cfg.activation == "silu":
+      act = jax.nn.silu(gate)
+    else:  # HF 'gelu_pytorch_tanh' is the tanh approximation
+      act = jax.nn.gelu(gate, approximate=True)
+    h_BTF = _constrain(act * up, ("batch", "length", "mlp"))
+    return Proj(cfg, "btf,fd->btd", (f, d), ("mlp", "embed"), name="down_proj")(h_BTF)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block; the call signature is (carry, *broadcast, scanned) for `nn.scan`."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BTD, cos_sin, segment_ids_BT, is_sliding):
+    cfg = self.cfg
+    x = RMSNorm(cfg, name="pre_attn_norm")(h_BTD)
+    x = Attention(cfg, name="attn")(x, cos_sin, segment_ids_BT, is_sliding)
+    if cfg.sandwich_norms:
+      x = RMSNorm(cfg, name="post_attn_norm")(x)
+    h_BTD = h_BTD + x
+    x = RMSNorm(cfg, name="pre_mlp_norm")(h_BTD)
+    x = MLP(cfg, name="mlp")(x)
+    if cfg.sandwich_norms:
+      x = RMSNorm(cfg, name="post_mlp_norm")(x)
+    h_BTD = _constrain(h_BTD + x, ("batch", "length", "activation_embed"))
+    return h_BTD, None
+
+
+def _scanned_layers(cfg: ModelConfig):
+  layer = DecoderLayer
+  if cfg.remat != "none":
+    # prevent_cse=False is safe (and faster) under scan, which already blocks the CSE it guards.
+    layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class Decoder(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
+    cfg = self.cfg
+    h_BTD = Embed(cfg, name="embed")(tokens_BT)
+    if cfg.embed_scale:
+      # transformers casts sqrt(d) to the weight dtype, which there is the compute dtype: in
+      # bf16 sqrt(2304) = 48.0 becomes 48.0 and sqrt(3584) = 59.87 becomes 60.0.
+      h_BTD = h_BTD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
+    h_BTD = _constrain(h_BTD, ("batch", "length", "activation_embed"))
+    cos_sin = attention.rope_cos_sin(cfg, positions_BT)
+    # The per-layer window flag is a scanned input, so Gemma 2's alternation runs one body.
+    is_sliding_L = jnp.asarray(cfg.sliding_layers())
+    h_BTD, _ = _scanned_layers(cfg)(cfg, name="layers")(h_BTD, cos_sin, segment_ids_BT,
+                                                        is_sliding_L)
+    h_BTD = RMSNorm(cfg, name="final_norm")(h_BTD)
+    if not cfg.tie_embeddings:
+      # Created here so it lives in the params tree; used only through `unembedding`.
+      LMHead(cfg, name="lm_head")()
+    return _constrain(h_BTD, ("batch", "length", "activation_embed"))
+
+
+class Embed(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT):
+    cfg = self.cfg
+    table = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                   normal_init(cfg.initializer_range), cfg)
+    # Gather the fsdp-split embed dim first (as FSDP does for every weight): a lookup into a
+    # table split on both dims makes XLA replicate the whole table and re-partition the result.
+    table = _constrain(table, ("vocab", "activation_embed"))
+    return jnp.take(table, tokens_BT, axis=0).astype(cfg.dtype)
+
+
+class LMHead(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self):
+    cfg = self.cfg
+    return _param(self, "kernel", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                  normal_init(cfg.initializer_range), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional API (docs/architecture.md, "Models").
+# ---------------------------------------------------------------------------------------------
+
+def _current_rules():
+  """The logical axis rules in context, as a hashable static argument.
+
+  The jitted functions below are cached on their static arguments only, so the rules must be
+  one: otherwise a trace made without rules would be reused inside a sharded context.
+  """
+  rules = nn.get_logical_axis_rules() or ()
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def _dummy_inputs():
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return tokens, tokens, jnp.ones((1, 1), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(cfg, rng, rules):
+  with nn.logical_axis_rules(rules):
+    return nn.unbox(Decoder(cfg).init(rng, *_dummy_inputs())["params"])
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+  """Random parameters (plain pytree of arrays in cfg.param_dtype)."""
+  return _init(cfg, rng, _current_rules())
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_boxed(cfg):
+  return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
+                                                  *_dummy_inputs())["params"])
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+  """Same structure as the params; each leaf a tuple of logical axis names (one per dim)."""
+  return jax.tree.map(lambda p: tuple(p.names), _abstract_boxed(cfg),
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """Same structure as the params; ShapeDtypeStruct leaves (nothing is allocated)."""
+  # No sharding constraints on unboxing: these are shapes, maybe inside a mesh context.
+  return jax.tree.map(lambda p: p.unbox(apply_constraint=False), _abstract_boxed(cfg),
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT, rules):
+  with nn.logical_axis_rules(rules):
+    return Decoder(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+
+
+def apply(cfg: ModelConfig, params, tokens_BT, positions_BT, segment_ids_BT):
+  """Final-normed hidden states h_BTD in cfg.dtype.
+
+  segment_ids 0 marks padding; a token attends causally to tokens of its own segment only, so a
+  packed row behaves like its segments run separately (with positions restarting per segment).
+  """
+  return _apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT, _current_rules())
+
+
+def unembedding(cfg: ModelConfig, params):
+  """w_DV in the compute dtype: the transposed embedding when tied, else the lm_head kernel."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T.astype(cfg.dtype)
+  return params["lm_head"]["kernel"].astype(cfg.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _logits(cfg, params, tokens_BT, positions_BT, segment_ids_BT, rules):
+  with nn.logical_axis_rules(rules):
+    h_BTD = Decoder(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+  z_BTV = jnp.einsum("btd,dv->btv", h_BTD, unembedding(cfg, params),
+                     preferred_element_type=jnp.float32)
+  if cfg.final_softcap is not None:
+    z_BTV = jnp.tanh(z_BTV / cfg.final_softcap) * cfg.final_softcap
+  return z_BTV
+
+
+def logits(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None):
+  """[B, T, V] float32 logits (soft-capped for Gemma 2). For tests and inspection only: losses
+  use `apply` + `unembedding` with jpost.ops and never build this array."""
+  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32),
+                                    tokens_BT.shape)
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones_like(tokens_BT)
+  return _logits(cfg, params, tokens_BT, positions_BT, segment_ids_BT, _current_rules())

@@ -1,0 +1,1 @@
+"""Cloud TPU launch tooling for jpost (run as `python tpu/launch.py ...`; see tpu/README.md)."""
