@@ -23,10 +23,10 @@ def get_config(arg=None):
   if a["loss"] in _BETA:
     c.objective.beta = _BETA[a["loss"]]
   c.train.steps = 150
-  c.train.batch_size = 16
+  c.train.batch_size = 32
   c.train.log_every = 25
-  c.warm_start.sft_steps = 200
-  c.warm_start.sft_lr = 1e-3
+  c.warm_start.sft_steps = 400
+  c.warm_start.sft_lr = 3e-3
   c.optim.lr = 1e-4
   c.optim.warmup_steps = 10
   c.eval.every_steps = 50

@@ -153,7 +153,7 @@ def run_setup(args, runner):
                                  git_ref=args.git_ref, python=args.python, extras=args.extras,
                                  mount_bucket=args.mount_bucket or "",
                                  mount_point=args.mount_point)
-  runner.run(gcloud.ssh(t, (script)))
+  runner.run(gcloud.ssh(t, script))
 
 
 def run_launch(args, runner):
@@ -163,18 +163,18 @@ def run_launch(args, runner):
     raise SystemExit("launch/supervise need the training command after `--`, e.g. "
                      "-- --config=configs/sft.py:model=llama3_2_1b")
   env = dict(kv.split("=", 1) for kv in args.env)
-  runner.run(gcloud.ssh(target(args), (remote.launch_script(train_args, env))))
+  runner.run(gcloud.ssh(target(args), remote.launch_script(train_args, env)))
 
 
 def run_stop(args, runner):
-  runner.run(gcloud.ssh(target(args), (remote.stop_script(args.stop_grace))),
+  runner.run(gcloud.ssh(target(args), remote.stop_script(args.stop_grace)),
              check=False)
 
 
 def job_status(args, runner) -> list[str] | None:
   """One status per worker (remote.status_script); None in a dry run."""
   with tempfile.TemporaryDirectory() as tmp:
-    runner.run(gcloud.ssh(target(args), (remote.status_script()), output_dir=tmp),
+    runner.run(gcloud.ssh(target(args), remote.status_script(), output_dir=tmp),
                check=False)
     if runner.dry_run:
       return None
@@ -216,6 +216,7 @@ class Counters:
   restarts: int = 0    # recreations after the TPU was lost
   failures: int = 0    # relaunches after the job (or its setup) failed on a live TPU
   errors: int = 0      # consecutive gcloud errors (network, auth): transient until too many
+  unreachable: int = 0  # consecutive polls where some worker answered nothing, none running
 
 
 def supervise(args, runner) -> int:
@@ -224,7 +225,11 @@ def supervise(args, runner) -> int:
   The same --workdir on every (re)launch is what makes a relaunch continue from the last
   checkpoint; this loop only has to bring the TPU and the processes back.
   """
-  workdir(args)                       # fail before creating anything
+  wd = workdir(args)                  # fail before creating anything
+  if (args.spot or args.queued) and not (args.mount_bucket or args.shared_workdir
+                                          or wd.startswith("gs://")):
+    runner.say(f"supervise: warning: --workdir={wd} is on the VM's disk, which a preemption "
+               f"deletes; the relaunch would start over (use --mount_bucket)")
   t, n = target(args), Counters()
   needs_setup, attached = False, False
 
@@ -299,6 +304,11 @@ def supervise(args, runner) -> int:
         runner.run(gcloud.delete(t))
       return 0
     failed = [s for s in statuses if s == "dead" or (s.startswith("exited") and s != "exited 0")]
+    n.unreachable = n.unreachable + 1 if ("unknown" in statuses
+                                          and "running" not in statuses) else 0
+    if n.unreachable >= 5:            # a worker that never answers would keep us here forever
+      failed.append("unreachable")
+      n.unreachable = 0
     stopped = "stopped" in statuses and "running" not in statuses
     if failed or stopped:
       fetch_logs(args, runner)

@@ -73,11 +73,14 @@ def install_script(source: str, *, git_url: str = "", git_ref: str = "", python:
     # rename-dir-limit lets orbax's commit-by-rename work on flat buckets (non-atomic there;
     # a hierarchical-namespace bucket renames folders atomically).
     mp = shlex.quote(mount_point)
+    # Inside the `if`: once mounted, the folder belongs to FUSE and even root's chown fails.
     lines += [_GCSFUSE_APT.rstrip("\n"),
+              f"if ! mountpoint -q {mp}; then",
               # Owned by the ssh user, so train.py writes there without sudo.
-              f'sudo mkdir -p {mp} && sudo chown "$(id -u):$(id -g)" {mp}',
-              f"mountpoint -q {mp} || gcsfuse --implicit-dirs --rename-dir-limit=200000 "
-              f"{shlex.quote(mount_bucket)} {mp}"]
+              f'  sudo mkdir -p {mp} && sudo chown "$(id -u):$(id -g)" {mp}',
+              f"  gcsfuse --implicit-dirs --rename-dir-limit=200000 "
+              f"{shlex.quote(mount_bucket)} {mp}",
+              "fi"]
   return "\n".join(lines)
 
 
@@ -108,22 +111,27 @@ def launch_script(train_args: list[str], env: dict[str, str]) -> str:
           f'echo $$ > "$HOME/{RUN_DIR}/pid"; trap : TERM; bash "$HOME/{RUN_DIR}/run.sh" '
           f'>> "$HOME/{LOG}" 2>&1; echo $? > "$HOME/{RUN_DIR}/exit_code"')
       + " > /dev/null 2>&1 < /dev/null &",
+      # Return once the pid is recorded, so a status right after a launch says "running".
+      f"for _ in $(seq 100); do [ -f {run}/pid ] && break; sleep 0.1; done",
       'echo "jpost: started on $(hostname)"',
   ])
 
 
 def status_script() -> str:
-  """Prints one `JPOST_STATUS <none|running|stopped|dead|exited N>` line for this worker."""
+  """Prints one `JPOST_STATUS <none|running|stopped|dead|exited N>` line for this worker.
+
+  Liveness is tested before the exit code: a wrapper that is gone has already written its exit
+  code (if it got to), so the answer cannot fall between the two checks.
+  """
   run = f'"$HOME/{RUN_DIR}"'
   return "\n".join([
       _ALIVE,
-      f"if [ -f {run}/exit_code ]; then",
+      f'if [ -f {run}/pid ] && alive "$(cat {run}/pid)"; then echo "{STATUS_TAG} running"',
+      f"elif [ -f {run}/exit_code ]; then",
       f'  code=$(cat {run}/exit_code)',
       f'  if [ "$code" = 0 ] && tac {run}/train.log | sed "/^{LAUNCH_MARK}/q" '
       f'| grep -q "{SIGTERM_MARK}"; then echo "{STATUS_TAG} stopped"',
       f'  else echo "{STATUS_TAG} exited $code"; fi',
-      f'elif [ -f {run}/pid ] && alive "$(cat {run}/pid)"; then '
-      f'echo "{STATUS_TAG} running"',
       f'elif [ -f {run}/pid ]; then echo "{STATUS_TAG} dead"',
       f'else echo "{STATUS_TAG} none"; fi',
   ])

@@ -141,8 +141,14 @@ def describe(accelerator_type: str, model: str | None = None, *, seq_len=2048,
                f"{total:.0f} GiB ({per_param} bytes/param: {param_dtype} AdamW"
                f"{' + reference' if with_ref else ''})")
   options = fsdp_options(sl, model, param_dtype=param_dtype, with_ref=with_ref)
+  if not options and param_dtype == "float32":
+    bf16 = describe(accelerator_type, model, seq_len=seq_len, param_dtype="bfloat16",
+                    with_ref=with_ref).split("\n", 1)[1]
+    return "\n".join(lines + ["  does not fit in float32; with "
+                               "--config.model.param_dtype=bfloat16 (bf16 master weights and "
+                               "Adam moments: less precise updates):", bf16])
   if not options:
-    lines.append("  does not fit: use a bigger slice or --config.model.param_dtype=bfloat16")
+    lines.append("  does not fit: use a bigger slice")
   for data, fsdp in options:
     rows = rows_per_chip(sl, model, fsdp, seq_len=seq_len, param_dtype=param_dtype,
                          with_ref=with_ref)

@@ -11,7 +11,7 @@ facts. With the byte tokenizer a sequence is at most 10 tokens.
 One task serves every objective; the row schema follows the data kind:
 
   sft       {prompt, completion}
-  pairwise  {prompt, chosen (correct), rejected (a near miss: off by 1 or 2)}
+  pairwise  {prompt, chosen (correct), rejected (a near miss: tens digit off by 1 or 2)}
   unpaired  {prompt, completion, label}: each problem once correct (True), once wrong (False)
   rl        {prompt, answer, demonstration}
 """
@@ -32,9 +32,12 @@ def _answer(a, op, b) -> int:
 
 
 def _near_miss(a, op, b) -> int:
-  # A plausible wrong answer: off by one or two, the direction varying between problems so a
-  # model cannot learn "the rejected answer is always the larger one".
-  offset = (1, -1, 2, -2)[(7 * a + 3 * b + (op == "-")) % 4]
+  # A plausible wrong answer: the tens digit is off (by 10 or 20, the direction varying between
+  # problems so "the rejected answer is always the larger one" cannot be learnt). Tens errors are
+  # what a preference signal can fix on *unseen* problems within a few hundred steps of a tiny
+  # model (copying a's tens digit plus the carry); units-digit near misses (off by 1 or 2) need the
+  # whole addition table and stay near chance on held-out pairs at that budget (measured).
+  offset = (10, -10, 20, -20)[(7 * a + 3 * b + (op == "-")) % 4]
   return _answer(a, op, b) + offset
 
 

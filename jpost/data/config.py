@@ -29,7 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
   # assistant turn(s)), 'assistant' (every assistant turn), 'all' (every token but the first).
   # Pairwise / unpaired data always use the completion; `text` rows train on every token.
   c.loss_on = "completion"
-  c.max_len = 64                          # T: tokens per row (one packed row, or one sequence)
+  # T: tokens per row (one sequence, or one packed row). Rows are padded to T, so keep it near
+  # the data: built-in arithmetic needs <= 10 tokens (<= 34 through the byte chat template).
+  c.max_len = 40
   c.overlong = "truncate_left"            # truncate_left | truncate_right | drop
   c.max_prompt_len = 0                    # RL prompt batches: prompt width (0 = max_len)
   c.rl_padding = "left"                   # RL prompt batches: 'left' (for generation) | 'right'

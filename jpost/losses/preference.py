@@ -12,9 +12,9 @@ length-normalised losses (dpo_norm, ipo) replace every S by S / |y|. The referen
 `logps['ref']` [B, T] (summed here) or `logps['ref_seq']` [S] (precomputed once over the dataset);
 the two give the same loss.
 
-Metrics (all pairwise losses): `rewards/chosen` = mean beta * dw, `rewards/rejected` = mean beta * dl,
-`rewards/margin` = their difference, `rewards/accuracy` = mean(d > 0), `logps/chosen` and
-`logps/rejected` = mean S_theta (unnormalised). The rewards use the dw, dl the loss itself uses:
+Metrics (all pairwise losses): `rewards/chosen` = mean beta * dw, `rewards/rejected` =
+mean beta * dl, `rewards/margin` = their difference, `rewards/accuracy` = mean(d > 0),
+`logps/chosen` and `logps/rejected` = mean S_theta (unnormalised). The rewards use the dw, dl the loss itself uses:
   - dpo_norm, ipo: the length-normalised dw, dl (as TRL's IPO and open-instruct's dpo_norm);
   - simpo, orpo (reference-free): TRL's CPO/ORPO definition, beta (ORPO: lambda, which TRL calls
     beta) times the *average* policy log-prob S_theta(y) / |y|, so accuracy = mean(lpw > lpl).
@@ -34,13 +34,15 @@ _DEFAULTS = {
     "dpo_norm": dict(beta=5.0, label_smoothing=0.0),     # Tulu 3's length-normalised DPO recipe
     "ipo": dict(beta=0.1),
     "hinge": dict(beta=0.1),
-    # The spec gives eps no default for robust DPO; TRL's (shared label_smoothing) is 0, where robust
-    # equals sigmoid. rDPO's experiments use 0.1-0.4: set it to the estimated label-flip rate.
+    # The spec gives eps no default for robust DPO; TRL's (shared label_smoothing) is 0, where
+    # robust equals sigmoid. rDPO's experiments use 0.1-0.4: set it to the estimated label-flip
+    # rate.
     "robust": dict(beta=0.1, label_smoothing=0.0),
     "bco_pair": dict(beta=0.1),
     "simpo": dict(beta=2.0, gamma=0.5),
     "orpo": dict(lam=0.1),        # ALGORITHMS.md's lambda (TRL's ORPOConfig.beta)
-    "rm_bt": dict(center_coef=0.0),   # c: weight of mean((r_w + r_l)^2) (TRL center_rewards_coefficient)
+    # c: weight of mean((r_w + r_l)^2) (TRL's center_rewards_coefficient).
+    "rm_bt": dict(center_coef=0.0),
 }
 
 
@@ -52,7 +54,7 @@ def default_config(name: str = "sigmoid") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_DEFAULTS[name])
 
 
-# ------------------------------------------------------------------------------------ per-pair parts
+# ---------------------------------------------------------------------------------- per-pair parts
 
 def _policy_sums(logps, batch):
   return common.sequence_sums(logps["policy"], batch)

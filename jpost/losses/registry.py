@@ -23,7 +23,7 @@ class Objective:
   default_config: Callable        # () -> ml_collections.ConfigDict with ALGORITHMS.md's defaults
   data_kind: str                  # 'sft' | 'pairwise' | 'unpaired' | 'rl' (jpost.data batch kind)
   denom_unit: str = "examples"    # what denom_examples counts: 'examples' | 'pairs'
-  head: str = "lm"                # 'lm' (token log-probs) | 'reward' (scalar head -> logps['reward'])
+  head: str = "lm"                # 'lm' (token log-probs) | 'reward' (scalar head: logps['reward'])
   needs_ref: bool = False         # logps['ref'] [B, T] (or precomputed logps['ref_seq'] [S])
   needs_entropy: bool = False     # logps['entropy'] [B, T]
   needs_kl: bool = False          # logps['kl'] [B, T], full-vocabulary KL(ref || policy)
@@ -80,11 +80,11 @@ OBJECTIVES: dict[str, Objective] = {
     "implicit_prm": _unpaired("implicit_prm", needs_ref=True),
 }
 
-# --- §4-§5: policy-gradient objectives ------------------------------------------------------------
+# --- §4-§5: policy-gradient objectives ----------------------------------------------------------
 # Registered by jpost/losses/policy_gradient.py's owner: add entries here with data_kind="rl",
 # e.g. OBJECTIVES["grpo"] = Objective(fn=policy_gradient.loss, default_config=functools.partial(
 #     policy_gradient.preset_config, "grpo"), data_kind="rl", **policy_gradient.requirements(...)).
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 # Names users bring from papers / TRL for objectives registered under another name: used only for
@@ -101,4 +101,5 @@ def get_objective(name: str) -> Objective:
   if name.lower() in _KNOWN_AS:
     close = [_KNOWN_AS[name.lower()]] + [c for c in close if c != _KNOWN_AS[name.lower()]]
   hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-  raise ValueError(f"unknown objective {name!r}{hint} (registered: {', '.join(sorted(OBJECTIVES))})")
+  raise ValueError(f"unknown objective {name!r}{hint} "
+                   f"(registered: {', '.join(sorted(OBJECTIVES))})")

@@ -125,7 +125,8 @@ def bco_update_state(state, metrics):
   """
   n = metrics["bco/reward_count"]
   total = state["count"].astype(jnp.float32) + n
-  shift = state["shift"] + (metrics["bco/reward_sum"] - n * state["shift"]) / jnp.maximum(total, 1.0)
+  step_sum = metrics["bco/reward_sum"]
+  shift = state["shift"] + (step_sum - n * state["shift"]) / jnp.maximum(total, 1.0)
   return {"shift": shift.astype(jnp.float32),
           "count": state["count"] + jnp.round(n).astype(jnp.int32)}
 

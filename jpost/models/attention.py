@@ -18,7 +18,7 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def rope_inv_freq(cfg) -> np.ndarray:
-  """[head_dim / 2] float32 inverse frequencies, computed in float32 exactly as transformers does."""
+  """[head_dim / 2] inverse frequencies, computed in float32 step by step as transformers does."""
   dim = cfg.head_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2).astype(np.float32) / dim))
   inv_freq = inv_freq.astype(np.float32)

@@ -25,7 +25,7 @@ class ModelConfig:
   num_layers: int = 2
   num_heads: int = 4
   num_kv_heads: int = 2             # GQA; 1 = MQA; num_heads = MHA
-  head_dim: int = 16                # explicit: Qwen3 and Gemma 2 use head_dim != d_model / num_heads
+  head_dim: int = 16                # explicit: Qwen3, Gemma 2 have head_dim != d_model / num_heads
   mlp_dim: int = 128
   activation: str = "silu"          # gated MLP: act(x W_gate) * (x W_up); Gemma 2: gelu_tanh
   norm_eps: float = 1e-5
@@ -60,7 +60,8 @@ class ModelConfig:
   dtype: str = "bfloat16"           # compute dtype (activations, matmul inputs)
   param_dtype: str = "float32"      # stored (master) weights
   remat: str = "none"               # 'none' | 'full' | 'dots' | 'dots_no_batch'
-  attention_impl: str = "auto"      # 'auto' (jax.nn.dot_product_attention unless soft-capped) | 'xla'
+  # 'auto': jax.nn.dot_product_attention unless soft-capped; 'xla': always the explicit path.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     problems = []

@@ -30,10 +30,11 @@ _REMAT_POLICIES = {
 }
 
 
-# Parameters up to this many elements draw their normal init as a flat vector: the same values
-# (threefry counts in row-major order either way) but XLA:CPU compiles a flat draw ~3x faster, which
-# dominates start-up time of small models and tests. Larger ones keep their shape so that a sharded
-# init draws only each device's shard (a flat draw would be materialised whole on every device).
+# Parameters up to this many elements draw their normal init as a flat vector: XLA:CPU compiles a
+# flat threefry draw ~3x faster than a shaped one, and that compile dominates the start-up of small
+# models and tests (the values are the same: partitionable threefry counts in row-major order).
+# Larger parameters keep their shape so that a sharded init draws only each device's shard (a flat
+# draw is materialised whole on every device).
 _FLAT_INIT_MAX = 1 << 20
 
 
@@ -183,8 +184,8 @@ class Decoder(nn.Module):
     cfg = self.cfg
     h_BTD = Embed(cfg, name="embed")(tokens_BT)
     if cfg.embed_scale:
-      # transformers casts sqrt(d) to the weight dtype, which there is the compute dtype: in
-      # bf16 sqrt(2304) = 48.0 becomes 48.0 and sqrt(3584) = 59.87 becomes 60.0.
+      # transformers rounds sqrt(d) to the weight dtype, which there is the compute dtype; the
+      # checkpoints were trained that way (Gemma 2 9B in bf16: sqrt(3584) = 59.87 -> 59.75).
       h_BTD = h_BTD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
     h_BTD = _constrain(h_BTD, ("batch", "length", "activation_embed"))
     cos_sin = attention.rope_cos_sin(cfg, positions_BT)

@@ -10,6 +10,7 @@ accepts). No pickle anywhere.
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -129,8 +130,8 @@ def config_from_hf(hf: dict, where: str = "config.json", *, dtype="float32") -> 
                   attn_softcap=hf.get("attn_logit_softcapping"),
                   final_softcap=hf.get("final_logit_softcapping"))
   dtype = jnp.dtype(dtype).name
-  return ModelConfig(name=hf.get("_name_or_path") or family, family=family, activation=_ACTIVATIONS[act],
-                     dtype=dtype, param_dtype=dtype, **fields)
+  return ModelConfig(name=hf.get("_name_or_path") or family, family=family,
+                     activation=_ACTIVATIONS[act], dtype=dtype, param_dtype=dtype, **fields)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
@@ -188,8 +189,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
 class _Tensor:
   path: tuple            # path in jpost's params
   hf_name: str           # '{i}' = layer index for stacked params
-  to_jpost: callable     # HF array -> jpost array (per layer for stacked ones)
-  to_hf: callable
+  to_jpost: Callable     # HF array -> jpost array view (per layer for stacked ones)
+  to_hf: Callable
 
   @property
   def stacked(self):
@@ -304,6 +305,8 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh=None, rules=None, config_only:
   """
   hf, cfg_path = _read_config(path)
   cfg = config_from_hf(hf, cfg_path, dtype=dtype)
+  if not hf.get("_name_or_path"):
+    cfg = dataclasses.replace(cfg, name=os.path.basename(os.path.normpath(path)))
   if config_only:
     return cfg, None
   ckpt = _Checkpoint(path)

@@ -24,9 +24,10 @@ from jpost.ops.spec import BlockSizes, OpSpec
 log = logging.getLogger(__name__)
 
 IMPLS = ("reference", "blockwise", "pallas_tpu", "pallas_gpu")
-# backend -> implementation for impl="auto". Update from scripts/bench_logprobs.py results
-# (docs/benchmarks.md). cpu: measured (blockwise); gpu / tpu: the kernels by design, not yet
-# measured on hardware (the lowering probe still falls back to blockwise if they do not compile).
+# backend -> implementation for impl="auto"; update from scripts/bench_logprobs.py results
+# (docs/benchmarks.md). cpu: blockwise, the only one that is neither [N, V]-sized nor interpreted
+# there. gpu / tpu: the kernels by design, not yet measured on hardware; the first-use probe
+# still falls back to blockwise (logged) if one fails to compile or disagrees with it.
 AUTO_IMPL = {"cpu": "blockwise", "gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 _KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 _logged: set = set()
@@ -110,8 +111,9 @@ def _probe_inputs(kind, shapes, rng=None):
   return [mk((n, d)), mk((d, v))] + ([mk((n, d)), mk((d, v))] if kind == "kl" else []) + [lab]
 
 
+@functools.lru_cache(maxsize=64)
 def _value_and_grads(kind, impl, spec):
-  """f(h, w[, h_ref, w_ref], labels) -> (outputs, dh, dw) through the custom VJP."""
+  """jit(f(h, w[, h_ref, w_ref], labels) -> (outputs, dh, dw)) through the custom VJP."""
   def f(*args):
     *hw, labels = args
     def outs(h, w):
@@ -121,7 +123,7 @@ def _value_and_grads(kind, impl, spec):
     vals, vjp = jax.vjp(outs, hw[0], hw[1])
     cts = tuple(jnp.linspace(-1.0, 1.0, x.shape[0], dtype=x.dtype) for x in vals)
     return (vals, *vjp(cts))
-  return f
+  return jax.jit(f)
 
 
 def _probe(kind, impl, spec, shapes):
@@ -130,20 +132,21 @@ def _probe(kind, impl, spec, shapes):
   key = (kind, impl, spec, shapes)
   if key not in _probed:
     try:
-      jax.jit(_value_and_grads(kind, impl, spec)).lower(*_probe_inputs(kind, shapes)).compile()
-      # A smoke test for miscompilation (NaN, wrong layout: O(1) errors), in bf16 with default
-      # tiles; the loose bound tolerates bf16 rounding and TPU default matmul precision.
+      _value_and_grads(kind, impl, spec).lower(*_probe_inputs(kind, shapes)).compile()
+      # A smoke test for miscompilation (NaN, wrong layouts, dropped tiles), in bf16 with the
+      # default tiles, against blockwise.
       small = OpSpec(spec.temperature, spec.softcap, spec.with_entropy,
                      BlockSizes(interpret=spec.interpret), spec.interpret)
       args = _probe_inputs(kind, ((19, 128), (128, 1000), jnp.dtype(jnp.bfloat16)),
                            np.random.default_rng(0))
-      got = jax.jit(_value_and_grads(kind, impl, small))(*args)
-      want = jax.jit(_value_and_grads(kind, "blockwise", small))(*args)
-      for name, g, wnt in zip(("values", "dh", "dw"), got, want):
+      got = _value_and_grads(kind, impl, small)(*args)
+      want = _value_and_grads(kind, "blockwise", small)(*args)
+      # Values are float32-exact from bf16 inputs; gradients carry bf16 rounding of dz.
+      for name, g, wnt, rel in zip(("values", "dh", "dw"), got, want, (1e-3, 5e-2, 5e-2)):
         for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(wnt)):
           x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
           err = float(np.max(np.abs(x - y))) if np.all(np.isfinite(x)) else float("inf")
-          if err > 0.05 * float(np.max(np.abs(y))):
+          if err > rel * float(np.max(np.abs(y))):
             raise AssertionError(f"{name} differ from blockwise by {err:.3g} on a test problem")
       _probed[key] = None
     except Exception as e:  # noqa: BLE001 - any lowering/compile/numeric failure means fall back

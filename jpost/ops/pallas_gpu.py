@@ -35,8 +35,7 @@ _TARGET_PROGRAMS = 264   # ~2 waves on a 132-SM H100; untuned
 _MAX_GRAD_SPLITS = 4     # each split of dh / dw costs a float32 copy of that gradient
 
 
-def _pow2_block(requested, size, lo=16):
-  b = requested or size
+def _pow2_block(b, size, lo=16):
   if b & (b - 1):
     raise ValueError(f"pallas_gpu blocks must be powers of two, got {b}")
   return max(lo, min(b, next_pow2(size)))   # tl.dot needs every dimension >= 16

@@ -44,15 +44,5 @@ class OpSpec:
   interpret: bool = False
 
 
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def fit_block(requested: int, size: int, align: int) -> int:
-  """The requested tile, shrunk for small problems (never below `align`, kept a multiple of it),
-  so a 37-token test does not pad to a 1024-token tile."""
-  return max(align, min(requested, round_up(size, align)))
-
-
 def next_pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())

@@ -94,6 +94,13 @@ def _logical_axes(model_cfg, objective):
   return axes
 
 
+def _param_shapes(model_cfg, objective):
+  shapes = {"lm": models.param_shapes(model_cfg)}
+  if objective.head == "reward":
+    shapes["reward_head"] = jax.eval_shape(heads.init_scalar_head, model_cfg.d_model)
+  return shapes
+
+
 def _state_shardings(abstract_state, param_shardings, optimizer, mesh):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
@@ -146,8 +153,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
                      f"train.grad_accum={cfg.train.grad_accum}")
 
   # --- Model, optimiser, state -----------------------------------------------------------------
-  with mesh, sharding.axis_rules(rules):
-    param_shardings = sharding.logical_to_sharding(_logical_axes(model_cfg, objective), mesh, rules)
+  with sharding.axis_rules(rules, mesh):
+    param_shardings = sharding.logical_to_sharding(
+        _logical_axes(model_cfg, objective), mesh, rules, shapes=_param_shapes(model_cfg, objective))
     params = _initial_params(cfg, model_cfg, objective, mesh, param_shardings)
     optimizer = optim.make_optimizer(cfg.optim, steps,
                                      mask=optim.decay_mask(_logical_axes(model_cfg, objective)))

@@ -16,22 +16,22 @@ import signal
 import subprocess
 import sys
 
-ROOT = os.environ["FAKE_GCLOUD_DIR"]
-STATE = os.path.join(ROOT, "state.json")
+def root():   # read per call: the tests also run main() in-process, after setting the variable
+  return os.environ["FAKE_GCLOUD_DIR"]
 
 
 def load():
-  with open(STATE) as f:
+  with open(os.path.join(root(), "state.json")) as f:
     return json.load(f)
 
 
 def save(st):
-  with open(STATE, "w") as f:
+  with open(os.path.join(root(), "state.json"), "w") as f:
     json.dump(st, f)
 
 
 def home(i):
-  return os.path.join(ROOT, f"worker-{i}")
+  return os.path.join(root(), f"worker-{i}")
 
 
 def kill_workers(st):
@@ -57,7 +57,7 @@ def workers(st, args):
 
 
 def main(argv):
-  with open(os.path.join(ROOT, "calls.jsonl"), "a") as f:
+  with open(os.path.join(root(), "calls.jsonl"), "a") as f:
     f.write(json.dumps(argv) + "\n")
   st = load()
   group, verb = argv[2], argv[3]   # compute tpus <tpu-vm|queued-resources> <verb>

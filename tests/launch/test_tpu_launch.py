@@ -5,23 +5,42 @@ the worker scripts in per-worker folders: launch, status, stop and install reall
 stub train.py resumes from the shared workdir, so "relaunch continues from the checkpoint" is
 observed rather than assumed.
 """
+import contextlib
 import io
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+import fake_gcloud
 from tpu import gcloud, launch, remote, topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_cli(args):
+class InProcessRunner(gcloud.Runner):
+  """Calls fake_gcloud.main directly: the same fake, minus ~0.15 s of interpreter start-up per
+  call. The preemption test keeps the real subprocess path through the `gcloud` on PATH."""
+
+  def run(self, argv, *, capture=False, check=True, shell=False):
+    if shell or argv[0] != "gcloud":
+      return super().run(argv, capture=capture, check=check, shell=shell)
+    self.say("+ " + gcloud.display(argv))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      rc = fake_gcloud.main(argv[1:])
+    if check and rc:
+      raise RuntimeError(f"command failed with exit code {rc}: {err.getvalue()}")
+    return gcloud.Result(rc, out.getvalue(), err.getvalue())
+
+
+def run_cli(args, in_process=False):
   out = io.StringIO()
   a = launch.parse_args(args)
-  runner = gcloud.Runner(dry_run=a.dry_run, out=out)
+  runner = (InProcessRunner if in_process else gcloud.Runner)(dry_run=a.dry_run, out=out)
   rc = launch.supervise(a, runner) if a.command == "supervise" else None
   if rc is None:
     {"create": launch.run_create, "setup": launch.run_setup, "launch": launch.run_launch,
@@ -193,6 +212,12 @@ def test_worker_scripts_launch_status_stop(tmp_path, stub_repo):
   _wait(lambda: status() == "dead")
 
 
+def test_the_sigterm_marker_is_what_the_loop_prints():
+  # `stopped` (resume) vs `exited 0` (finished) hinges on this line of jpost/train/loop.py.
+  src = open(os.path.join(REPO, "jpost", "train", "loop.py")).read()
+  assert f'print(f"{remote.SIGTERM_MARK} {{step}}' in src
+
+
 def _wait(pred, timeout=10.0):
   import time
   end = time.time() + timeout
@@ -203,20 +228,22 @@ def _wait(pred, timeout=10.0):
 
 # --- the supervisor against the fake cloud ---------------------------------------------------
 
-def _supervise(cloud, repo, tmp_path, *extra, config="steps=30,dt=0.02"):
+def _supervise(cloud, repo, tmp_path, *extra, config="steps=30,dt=0.02", workers=1,
+               in_process=True):
   bucket = tmp_path / "bucket"
-  args = ["supervise", "--name=jp", "--zone=z", "--accelerator_type=v5p-16",
+  cloud.set(workers=workers)
+  args = ["supervise", "--name=jp", "--zone=z", f"--accelerator_type=v5p-{8 * workers}",
           f"--source_dir={repo}", f"--workdir={bucket}/run", "--shared_workdir",
           "--poll_seconds=0.1", "--stop_grace=5", f"--logs_dir={tmp_path / 'logs'}",
           "--env=EXTRA=1", *extra, "--", f"--config=stub:{config}"]
-  rc, out = run_cli(args)
+  rc, out = run_cli(args, in_process)
   return rc, out, str(bucket / "run")
 
 
 def test_supervise_recreates_after_preemption_and_resumes(fake_cloud, stub_repo, tmp_path):
-  fake_cloud.set(workers=2, preempt_at=2, preempt_when=[
+  fake_cloud.set(preempt_at=2, preempt_when=[
       str(tmp_path / "bucket" / "run" / f"ckpt-worker-{i}") for i in range(2)])
-  rc, out, wd = _supervise(fake_cloud, stub_repo, tmp_path)
+  rc, out, wd = _supervise(fake_cloud, stub_repo, tmp_path, workers=2, in_process=False)
   assert rc == 0, out
   verbs = fake_cloud.verbs()
   assert verbs.count("tpu-vm create") == 2 and verbs.count("tpu-vm delete") == 1
@@ -237,10 +264,9 @@ def test_supervise_recreates_after_preemption_and_resumes(fake_cloud, stub_repo,
 
 
 def test_supervise_queued_resource_suspended(fake_cloud, stub_repo, tmp_path):
-  fake_cloud.set(workers=1, queued=True, preempt_at=2,
-                 preempt_when=[str(tmp_path / "bucket" / "run" / "ckpt-worker-0")])
+  fake_cloud.set(queued=True, preempt_at=2)
   rc, out, wd = _supervise(fake_cloud, stub_repo, tmp_path, "--queued", "--spot",
-                           config="steps=15,dt=0.02")
+                           config="steps=5,dt=0.02")
   assert rc == 0, out
   calls = fake_cloud.calls()
   deletes = [c for c in calls if c[2:4] == ["queued-resources", "delete"]]
@@ -248,23 +274,42 @@ def test_supervise_queued_resource_suspended(fake_cloud, stub_repo, tmp_path):
   creates = [c for c in calls if c[2:4] == ["queued-resources", "create"]]
   assert len(creates) == 2 and all("--node-id=jp" in c and "--spot" in c for c in creates)
   assert "SUSPENDED; deleting and recreating" in out
-  assert open(f"{wd}/ckpt-worker-0").read() == "15"
+  assert open(f"{wd}/ckpt-worker-0").read() == "5"
 
 
-def test_supervise_relaunches_a_failed_job(fake_cloud, stub_repo, tmp_path):
-  fake_cloud.set(workers=1)
+def test_supervise_relaunches_failed_jobs_up_to_max_failures(fake_cloud, stub_repo, tmp_path):
+  # Two crashes with one relaunch allowed: gives up, logs fetched for the post-mortem.
   rc, out, wd = _supervise(fake_cloud, stub_repo, tmp_path, "--max_failures=1",
-                           config="steps=10,fail_times=1")
+                           config="steps=10,fail_times=2")
+  assert rc == 1 and "(failure 2/1); giving up" in out
+  assert "stub: simulated crash" in open(tmp_path / "logs" / "worker-0.log").read()
+  # A new supervisor attaches to the same TPU, sees the failed job, relaunches it (the stub
+  # now gets past its crashes) and finishes without recreating anything.
+  rc, out, wd = _supervise(fake_cloud, stub_repo, tmp_path, config="steps=10,fail_times=2")
   assert rc == 0, out
-  assert "workers: exited 3" in out and "failure 1/1" in out
+  assert "workers: exited 3" in out and "failure 1/3" in out and "training finished" in out
   verbs = fake_cloud.verbs()
   assert verbs.count("tpu-vm create") == 1 and "tpu-vm delete" not in verbs   # same VM
   assert open(f"{wd}/ckpt-worker-0").read() == "10"
 
 
-def test_supervise_gives_up_after_max_failures(fake_cloud, stub_repo, tmp_path):
-  fake_cloud.set(workers=1)
-  rc, out, _ = _supervise(fake_cloud, stub_repo, tmp_path, "--max_failures=1",
-                          config="steps=10,fail_times=2")
-  assert rc == 1 and "failure 2/1; giving up" in out
-  assert os.path.exists(tmp_path / "logs" / "worker-0.log")    # fetched for the post-mortem
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("gcloud"), reason="needs the Cloud SDK")
+def test_the_real_gcloud_accepts_every_command(tmp_path):
+  """Each command line parsed by the installed gcloud, stopped before any request: an empty
+  config dir (no account), no GCE metadata credentials, and the TPU API pointed at a dead port
+  even if something were authenticated."""
+  env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path), CLOUDSDK_CORE_DISABLE_PROMPTS="1",
+             CLOUDSDK_CORE_CHECK_GCE_METADATA="false",
+             CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU="http://127.0.0.1:9/")
+  vm, qr = gcloud.Target("jp", "us-east5-a", "proj"), gcloud.Target("jp", "us-east5-a", "p", True)
+  argvs = [gcloud.create(vm, "v5p-64", "v2-alpha-tpuv5", p) for p in ("on-demand", "spot",
+                                                                        "reserved")]
+  argvs += [gcloud.create(qr, "v6e-16", "v2-alpha-tpuv6e", "spot", ("--valid-until-duration=6h",)),
+            gcloud.describe_state(vm), gcloud.describe_state(qr), gcloud.delete(vm),
+            gcloud.delete(qr), gcloud.ssh(vm, remote.status_script(), output_dir=str(tmp_path)),
+            gcloud.scp_to(vm, __file__, remote.TARBALL),
+            gcloud.scp_from(vm, remote.LOG, str(tmp_path / "w.log"), 3)]
+  for argv in argvs:
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert "do not currently have an active account" in res.stderr, (argv, res.stderr)

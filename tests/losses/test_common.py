@@ -1,4 +1,4 @@
-"""Shared reductions of jpost.losses.common that the objective tests do not pin down on their own."""
+"""Helpers of jpost.losses.common that the objective tests do not pin down on their own."""
 import decimal
 
 import jax

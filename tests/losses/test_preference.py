@@ -241,7 +241,8 @@ def test_gradient_magnitude_dpo():
 def test_orpo_finite_when_log_probs_round_to_zero():
   """lp = 0 (probability 1 in float32) must give a finite loss and gradient, not nan."""
   ex = [{"lp": np.zeros(3), "ref": np.zeros(3)}, {"lp": np.full(2, -1e-9), "ref": np.zeros(2)},
-        {"lp": np.full(4, -1e-4), "ref": np.zeros(4)}, {"lp": np.full(2, -50.0), "ref": np.zeros(2)}]
+        {"lp": np.full(4, -1e-4), "ref": np.zeros(4)},
+        {"lp": np.full(2, -50.0), "ref": np.zeros(2)}]
   logps, batch, _ = build(ex)
   cfg = _cfg("orpo")
   loss, _ = pref.orpo(logps, batch, cfg)

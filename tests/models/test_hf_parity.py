@@ -8,6 +8,7 @@ tolerance, so a pass cannot come from a feature that has no effect at these size
 """
 import copy
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jpost import models  # noqa: E402
@@ -89,7 +91,7 @@ def _ablated(name, model, ablation):
 
 def _torch_logits(model, ids_BT):
   with torch.no_grad():
-    return model(torch.as_tensor(np.asarray(ids_BT))).logits.numpy()
+    return model(torch.as_tensor(np.asarray(ids_BT))).logits.float().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +158,23 @@ def test_save_hf_round_trip(name, built, tmp_path):
   assert dataclasses.replace(cfg2, name=cfg.name) == cfg
 
 
+@pytest.mark.parametrize("name", ["llama3_rope_scaling_tied", "gemma2"])
+def test_bfloat16_compute_matches_transformers_bfloat16(name, built):
+  """bf16 params and compute: jpost is no further from transformers-in-bf16 than transformers'
+  own bf16 run is from its float32 run (the format's noise floor at this model's scale)."""
+  path, model, ids, ref32 = built(name)
+  cfg, params = models.load_hf(path, dtype=jnp.bfloat16)
+  assert cfg.dtype == "bfloat16"
+  h = jax.eval_shape(functools.partial(models.apply, cfg), params, ids,
+                     np.broadcast_to(np.arange(T), ids.shape), np.ones_like(ids))
+  assert h.dtype == jnp.bfloat16
+  z16 = np.asarray(models.logits(cfg, params, ids))
+  ref16 = _torch_logits(copy.deepcopy(model).to(torch.bfloat16), ids)
+  ours, floor = float(np.abs(z16 - ref16).max()), float(np.abs(ref16 - ref32).max())
+  print(f"bf16 {name}: max|jpost - hf| = {ours:.3f}, max|hf bf16 - hf f32| = {floor:.3f}")
+  assert ours <= floor
+
+
 def test_bf16_and_sharded_checkpoints(built, tmp_path):
   """bfloat16 tensors are read exactly; index.json shards are followed."""
   _, model, _, _ = built("qwen2_qkv_bias_tied")
@@ -199,3 +218,19 @@ def test_unsupported_configs_fail_clearly(built, tmp_path):
   with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model.layers.0.self_attn."
                                        r"k_proj.weight' has shape"):
     models.load_hf(str(tmp_path))
+
+
+def test_save_hf_bfloat16_in_shards(built, tmp_path):
+  """bf16 params are written as BF16 shards + index.json that transformers and load_hf read."""
+  path, model, _, _ = built("gemma2")
+  cfg, params = models.load_hf(path, dtype=jnp.bfloat16)
+  models.save_hf(cfg, params, str(tmp_path), max_shard_bytes=4096)
+  assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+  assert reloaded.dtype == torch.bfloat16
+  theirs = reloaded.state_dict()
+  for key, value in model.state_dict().items():
+    assert torch.equal(theirs[key], value.to(torch.bfloat16)), key
+  _, back = models.load_hf(str(tmp_path), dtype=jnp.bfloat16)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                                          np.asarray(b, np.float32)), back, params)

@@ -126,3 +126,26 @@ def test_config_typo_suggests_the_key(tmp_path):
   r = _train(str(tmp_path / "run"), ["--config.optim.lrr=1"])
   assert r.returncode != 0
   assert "lrr" in r.stderr and "lr" in r.stderr.split("lrr", 1)[1]
+
+
+def test_init_from_hf_and_export_at_end(tmp_path):
+  """model.init=hf:DIR starts from those weights; export.hf_dir writes what the run trained."""
+  import dataclasses
+  from jpost import models
+  cfg = dataclasses.replace(models.get_model_config("tiny"), dtype="float32")
+  start = models.init_params(cfg, jax.random.PRNGKey(7))
+  models.save_hf(cfg, start, str(tmp_path / "start_hf"))
+  data = str(tmp_path / "train.jsonl")
+  _write_jsonl(data, 20)
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
+  flags = _flags(data, **{"train.steps": 2, "checkpoint.every_steps": 0,
+                          "model.init": f"hf:{tmp_path / 'start_hf'}", "export.hf_dir": out})
+  r = _train(workdir, flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"HF export:   {out}" in r.stdout
+  _, exported = models.load_hf(out, dtype=np.float32)
+  trained = train_ckpt.load_params(workdir)["lm"]
+  jax.tree.map(np.testing.assert_array_equal, exported, trained)
+  # The run started from the HF weights: 2 small steps move every weight only a little.
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), exported, start))
+  assert 0 < max(diffs) < 0.05
