@@ -148,6 +148,10 @@ def _wait(args, procs) -> int:
     t.join(timeout=5)
   codes = [p.returncode for *_, p, _ in procs]
   print(f"cluster: exit codes {codes}; logs in {args.logs_dir}", flush=True)
+  if args.local:                      # remote hosts keep theirs in /tmp (one small file each)
+    for _, _, pid_file, _, _ in procs:
+      if os.path.exists(pid_file):
+        os.remove(pid_file)
   if failed is None:
     return 0
   return 130 if failed == -1 else codes[failed]   # the culprit's code, not the stopped ones

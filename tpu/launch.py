@@ -205,7 +205,7 @@ def run_logs(args, runner):
 
 def run_status(args, runner):
   state = gcloud.state(runner, target(args))
-  runner.say(f"{args.name}: {state}")
+  runner.say(f"{args.name}: {state}" + (" (dry run: not queried)" if runner.dry_run else ""))
   if state in gcloud.READY:
     for i, s in enumerate(job_status(args, runner) or []):
       runner.say(f"  worker {i}: {s}")

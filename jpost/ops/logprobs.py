@@ -204,11 +204,15 @@ def token_logprobs(h, w, labels, *, temperature=1.0, softcap=None, with_entropy=
                    impl="auto", block_sizes=None):
   """Per-token log p(label) and (optionally) entropy of softmax(cap(h @ w) / temperature).
 
-  h [N, D], w [D, V], labels [N] int (label < 0: masked, outputs 0 and no gradient).
-  Returns (logp [N] float32, entropy [N] float32 or None). Differentiable in h and w.
+  h [N, D], w [D, V], labels [N] int (label < 0: masked, outputs 0 and no gradient; labels must
+  be < V, which is not checked on device). Returns (logp [N] float32, entropy [N] float32 or
+  None). Differentiable in h and w.
   """
   h, w, labels = _prepare(h, w, labels)
   spec = _spec(temperature, softcap, with_entropy, block_sizes)
+  if h.shape[0] == 0:   # no tiles to loop over; constant outputs have zero gradients
+    empty = jnp.zeros((0,), jnp.float32)
+    return empty, (empty if spec.with_entropy else None)
   impl, spec = _resolve(impl, spec, "lp", h, w)
   if impl == "reference":
     return reference.token_logprobs(h, w, labels, spec)
@@ -229,6 +233,8 @@ def token_kl(h, w, h_ref, w_ref, labels, *, temperature=1.0, softcap=None, impl=
                      f"{w.shape}")
   h_ref, w_ref = h_ref.astype(h.dtype), w_ref.astype(h.dtype)
   spec = _spec(temperature, softcap, False, block_sizes)
+  if h.shape[0] == 0:
+    return jnp.zeros((0,), jnp.float32)
   impl, spec = _resolve(impl, spec, "kl", h, w)
   if impl == "reference":
     return reference.token_kl(h, w, h_ref, w_ref, labels, spec)
