@@ -100,7 +100,7 @@ _kl.defvjp(_kl_fwd, _kl_bwd)
 # --------------------------------------------------------------------- choosing an implementation
 
 def _probe_inputs(kind, shapes, rng=None):
-  """Arrays (rng given) or ShapeDtypeStructs with the call's shapes: h, w[, h_ref, w_ref], labels."""
+  """Arrays (rng given) or ShapeDtypeStructs of the call's shapes: h, w[, h_ref, w_ref], labels."""
   (n, d), (_, v), dtype = shapes
   if rng is None:
     mk = lambda s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731

@@ -115,6 +115,14 @@ def test_spec_parsing():
     _rows("/nonexistent/*.jsonl")
 
 
+def _solve(prompt):
+  """'27+5=' -> 32, parsed explicitly (no eval)."""
+  expr = prompt[:-1]
+  op = "+" if "+" in expr else "-"
+  a, b = (int(x) for x in expr.rsplit(op, 1))
+  return a + b if op == "+" else a - b
+
+
 def test_builtin_arithmetic_splits_and_schemas(make_cfg):
   train, heldout = builtin.arithmetic_split("train"), builtin.arithmetic_split("heldout")
   assert len(train) == 1800 and len(heldout) == 200 and not set(train) & set(heldout)
@@ -123,13 +131,14 @@ def test_builtin_arithmetic_splits_and_schemas(make_cfg):
   assert all(any((10 * k + a % 10, op, b) in set(train) for k in range(10))
              for a, op, b in heldout)
   sft = builtin.rows("arithmetic", "heldout", "sft")
-  assert all(eval(r["prompt"][:-1]) == int(r["completion"]) for r in sft)
+  assert all(_solve(r["prompt"]) == int(r["completion"]) for r in sft)
   pairs = builtin.rows("arithmetic", "train", "pairwise")
-  assert all(int(p["chosen"]) != int(p["rejected"]) and abs(int(p["chosen"]) - int(p["rejected"]))
-             <= 2 for p in pairs)
+  # Near misses are off in the tens digit (by 10 or 20), in both directions.
+  offsets = {int(p["rejected"]) - int(p["chosen"]) for p in pairs}
+  assert offsets == {10, -10, 20, -20}
   unpaired = builtin.rows("arithmetic", "train", "unpaired")
   assert sum(r["label"] for r in unpaired) * 2 == len(unpaired) == 3600
-  assert all((eval(r["prompt"][:-1]) == int(r["completion"])) == r["label"] for r in unpaired)
+  assert all((_solve(r["prompt"]) == int(r["completion"])) == r["label"] for r in unpaired)
   rl = builtin.rows("arithmetic", "train", "rl")
   assert rl[0].keys() == {"prompt", "answer", "demonstration"}
   # Every kind passes validation, and sequences are short enough for a tiny model.
