@@ -15,12 +15,12 @@ def get_config(arg=None):
   a = parse_arg(arg, {"model": "tiny", "loss": "nll"})
   c = base_config(a["loss"])
   c.model.name = a["model"]
-  c.train.steps = 800
+  c.train.steps = 1500
   c.train.batch_size = 32
   c.train.log_every = 50
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 20
   c.optim.weight_decay = 0.01
-  c.eval.every_steps = 200
-  c.checkpoint.every_steps = 200
+  c.eval.every_steps = 500
+  c.checkpoint.every_steps = 500
   return c
