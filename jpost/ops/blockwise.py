@@ -145,14 +145,8 @@ def lp_fwd(h, w, labels, spec):
 
 
 def lp_bwd(h, w, labels, lse, ent, g_lp, g_ent, spec):
-  per_token = {"labels": labels, "lse": lse, "g_lp": g_lp}
-  if g_ent is not None:
-    per_token.update(ent=ent, g_ent=g_ent)
-
-  def dlogits(tiles, col, valid, t):
-    return tm.lp_dlogits(tiles[0], col, valid, t["labels"], t["lse"], t.get("ent"), t["g_lp"],
-                         t.get("g_ent"), spec.temperature, spec.softcap, False)
-
+  per_token, dlogits = tm.lp_backward(labels, lse, ent, g_lp, g_ent, spec.temperature,
+                                      spec.softcap, False)
   return _backward([h], [w], per_token, spec, dlogits)
 
 
@@ -166,11 +160,5 @@ def kl_fwd(h, w, h_ref, w_ref, labels, spec):
 
 def kl_bwd(h, w, h_ref, w_ref, labels, lse, lse_ref, g, spec):
   del labels  # masked tokens already carry g = 0
-
-  def dlogits(tiles, col, valid, t):
-    del col
-    return tm.kl_dlogits(tiles[0], tiles[1], valid, t["lse"], t["lse_ref"], t["g"],
-                         spec.temperature, spec.softcap, False)
-
-  return _backward([h, h_ref], [w, w_ref], {"lse": lse, "lse_ref": lse_ref, "g": g}, spec,
-                   dlogits)
+  per_token, dlogits = tm.kl_backward(lse, lse_ref, g, spec.temperature, spec.softcap, False)
+  return _backward([h, h_ref], [w, w_ref], per_token, spec, dlogits)

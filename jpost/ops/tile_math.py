@@ -180,3 +180,32 @@ def kl_dlogits(a, ar, valid, lse, lse_r, g, temperature, softcap, kd):
   p = jnp.exp(z - _b(lse, kd))
   q = jnp.exp(r - _b(lse_r, kd))
   return jnp.where(valid, chain(_b(g, kd) * (p - q), th, temperature, softcap), 0.0)
+
+
+# ---------------------------------------------------------------- backward wiring
+
+def lp_backward(labels, lse, ent, g_lp, g_ent, temperature, softcap, kd):
+  """(per-token operands, dlogits(tiles, col, valid, t)) for the log-prob backward of any impl.
+
+  Entropy operands are carried only when the entropy output has a cotangent.
+  """
+  per_token = {"labels": labels, "lse": lse, "g_lp": g_lp}
+  if g_ent is not None:
+    per_token.update(ent=ent, g_ent=g_ent)
+
+  def dlogits(tiles, col, valid, t):
+    return lp_dlogits(tiles[0], col, valid, t["labels"], t["lse"], t.get("ent"), t["g_lp"],
+                      t.get("g_ent"), temperature, softcap, kd)
+
+  return per_token, dlogits
+
+
+def kl_backward(lse, lse_ref, g, temperature, softcap, kd):
+  """(per-token operands, dlogits) for the KL backward; masked tokens already carry g = 0."""
+
+  def dlogits(tiles, col, valid, t):
+    del col
+    return kl_dlogits(tiles[0], tiles[1], valid, t["lse"], t["lse_ref"], t["g"],
+                      temperature, softcap, kd)
+
+  return {"lse": lse, "lse_ref": lse_ref, "g": g}, dlogits
