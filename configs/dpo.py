@@ -10,7 +10,7 @@ The embedded default starts from random init, runs a short SFT phase on the chos
 (`warm_start.sft_steps`) and then trains DPO with that SFT model as the reference.
 Arg keys: model, loss (sigmoid | dpo_norm | ipo | hinge | robust | bco_pair | simpo | orpo).
 """
-from jpost.train.config import base_config, parse_arg
+from jpost.train.config import base_config, parse_arg, preference_recipe
 
 # Per-loss beta where ALGORITHMS.md / the papers' recipes differ from DPO's 0.1.
 _BETA = {"dpo_norm": 5.0, "simpo": 2.0}
@@ -22,13 +22,5 @@ def get_config(arg=None):
   c.model.name = a["model"]
   if a["loss"] in _BETA:
     c.objective.beta = _BETA[a["loss"]]
-  c.train.steps = 150
-  c.train.batch_size = 32
-  c.train.log_every = 25
-  c.warm_start.sft_steps = 400
-  c.warm_start.sft_lr = 3e-3
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 10
-  c.eval.every_steps = 50
-  c.checkpoint.every_steps = 50
+  preference_recipe(c)
   return c

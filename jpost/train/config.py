@@ -66,6 +66,22 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
   return c
 
 
+def preference_recipe(c: ml_collections.ConfigDict, *, steps=150, lr=1e-4, sft_steps=400):
+  """Defaults shared by the preference / feedback recipes' embedded runs (configs/dpo.py, ...).
+
+  From random init a short SFT phase on the built-in task (the `sft` view of `data.train`: the
+  correct answers) gives the policy and the reference something to prefer with; then the
+  objective runs. With your own data, set `warm_start.sft_steps=0` and start from an SFT model
+  (`model.init=hf:...` or `ckpt:...`).
+  """
+  c.train.update(steps=steps, batch_size=32, log_every=25)
+  c.warm_start.update(sft_steps=sft_steps, sft_lr=3e-3)
+  c.optim.update(lr=lr, warmup_steps=10)
+  c.eval.every_steps = 50
+  c.checkpoint.every_steps = 50
+  return c
+
+
 def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   path = os.path.join(workdir, "config.json")
   with open(path, "w") as f:

@@ -228,8 +228,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       out = {f"eval/{k}": float(v) for k, v in jax.device_get(totals).items()}
       writer.write(step, out)
       shown = {k: round(v, 4) for k, v in out.items()
-               if k in ("eval/loss", "eval/accuracy", "eval/rewards/accuracy",
-                        "eval/rewards/margin", "eval/rm/accuracy")}
+               if k.endswith(("/loss", "accuracy", "margin"))}
       print(f"eval step {step}: {shown}", flush=True)
       return out
 

@@ -149,3 +149,24 @@ def test_init_from_hf_and_export_at_end(tmp_path):
   # The run started from the HF weights: 2 small steps move every weight only a little.
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), exported, start))
   assert 0 < max(diffs) < 0.05
+
+
+def test_bco_resume_carries_the_running_shift(tmp_path):
+  """BCO's running reward mean lives in the train state: a killed + resumed run is identical."""
+  data = str(tmp_path / "feedback.jsonl")
+  with open(data, "w") as f:
+    for i in range(24):
+      a, b = i % 7, (3 * i) % 5
+      good = i % 2 == 0
+      f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b + (0 if good else 1)),
+                          "label": good}) + "\n")
+  flags = _flags(data, **{"warm_start.sft_steps": 0})
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  assert _train(straight, flags, recipe="configs/bco.py").returncode == 0
+  r = _train(killed, flags, fault="kill_after_save:4", recipe="configs/bco.py")
+  assert r.returncode == -9, r.stderr[-3000:]
+  r = _train(killed, flags, recipe="configs/bco.py")
+  assert r.returncode == 0, r.stderr[-3000:]
+  _assert_same_run(straight, killed)
+  shifts = [json.loads(l).get("bco/shift") for l in open(os.path.join(killed, "metrics.jsonl"))]
+  assert len({s for s in shifts if s is not None}) > 2   # the shift really moves
