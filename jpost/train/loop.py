@@ -97,7 +97,7 @@ def _logical_axes(model_cfg, objective):
 def _param_shapes(model_cfg, objective):
   shapes = {"lm": models.param_shapes(model_cfg)}
   if objective.head == "reward":
-    shapes["reward_head"] = jax.eval_shape(heads.init_scalar_head, model_cfg.d_model)
+    shapes["reward_head"] = jax.eval_shape(lambda: heads.init_scalar_head(model_cfg.d_model))
   return shapes
 
 
