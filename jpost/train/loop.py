@@ -140,6 +140,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.model.init = _warm_start(cfg, workdir)
   objective = registry.get_objective(cfg.objective.name)
+  if cfg.ref.precompute:
+    raise NotImplementedError("ref.precompute=True is not implemented yet (planned, issue 5): the "
+                              "reference log-probs are computed in each step; unset it")
   mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
   rules = sharding.default_rules()
   tokenizer = jdata.make_tokenizer(cfg.data)
