@@ -26,6 +26,8 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.WARNING)
   import jax
+  from jpost.losses import registry
+  from jpost.rl import loop as rl_loop
   from jpost.train import distributed, loop
 
   distributed.maybe_initialize()
@@ -35,7 +37,8 @@ def main(argv):
       "runs", f"{recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
   print(f"jpost: {recipe} -> {workdir} on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s)", flush=True)
-  loop.run(cfg, workdir)
+  online = registry.get_objective(cfg.objective.name).data_kind == "rl"
+  (rl_loop if online else loop).run(cfg, workdir)
 
 
 if __name__ == "__main__":

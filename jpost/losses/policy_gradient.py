@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.reinforce_pm1 = False         # reinforce: A = +1 if r > 0 else -1
   c.gae_gamma = 1.0
   c.gae_lambda = 0.95
+  c.whiten_advantages = False     # gae: whiten advantages over the batch's tokens (TRL PPO does)
   c.dynamic_sampling = False      # DAPO: drop all-equal groups and resample
   c.overlong_buffer_frac = 0.0    # DAPO overlong shaping buffer, fraction of max_completion_len
   # 4. Aggregation.
@@ -107,7 +108,7 @@ PRESETS = {
     # TRL PPO: token-mean losses, KL (k1) in the reward with coefficient 0.05, vf_coef 0.1.
     "ppo": {"advantage": "gae", "gae_gamma": 1.0, "gae_lambda": 0.95, "loss_agg": "token_mean",
             "kl": "k1", "kl_beta": 0.05, "kl_placement": "reward", "vf_coef": 0.1,
-            "vf_clip": 0.2},
+            "vf_clip": 0.2, "whiten_advantages": True},
     "luffy": {"mixing": "luffy", "demo_ratio": "offline", "demo_clip": "none",
               "offline_shaping": True, "offline_gamma": 0.1, "kl_beta": 0.0},
     "srft": {"mixing": "srft", "token_weighting": "srft", "srft_sft_scale": 0.5,

@@ -10,7 +10,7 @@ import difflib
 import functools
 from typing import Any, Callable
 
-from jpost.losses import preference, sft, unpaired
+from jpost.losses import policy_gradient, preference, sft, unpaired
 
 
 def _no_state():
@@ -80,17 +80,26 @@ OBJECTIVES: dict[str, Objective] = {
     "implicit_prm": _unpaired("implicit_prm", needs_ref=True),
 }
 
-# --- §4-§5: policy-gradient objectives ----------------------------------------------------------
-# Registered by jpost/losses/policy_gradient.py's owner: add entries here with data_kind="rl",
-# e.g. OBJECTIVES["grpo"] = Objective(fn=policy_gradient.loss, default_config=functools.partial(
-#     policy_gradient.preset_config, "grpo"), data_kind="rl", **policy_gradient.requirements(...)).
-# -------------------------------------------------------------------------------------------------
+# §4-§5: the unified policy-gradient estimator, one entry per preset (plus its bare defaults).
+# The flags are those of the preset's defaults; the online loop recomputes them from the run's
+# config with `policy_gradient.requirements`, since an override (e.g. kl_beta) can change them.
+def _policy_gradient(preset):
+  make = (policy_gradient.default_config if preset is None
+          else functools.partial(policy_gradient.preset_config, preset))
+  return Objective(fn=policy_gradient.loss, default_config=make, data_kind="rl",
+                   **policy_gradient.requirements(make()))
+
+
+OBJECTIVES["policy_gradient"] = _policy_gradient(None)
+for _preset in policy_gradient.PRESETS:
+  OBJECTIVES[_preset] = _policy_gradient(_preset)
 
 
 # Names users bring from papers / TRL for objectives registered under another name: used only for
 # the did-you-mean hint (no silent aliasing: the config and metrics keep one name per objective).
 _KNOWN_AS = {"dpo": "sigmoid", "sft": "nll", "rdpo": "robust", "slic": "hinge", "rm": "rm_bt",
-             "reward": "rm_bt", "prm": "implicit_prm"}
+             "reward": "rm_bt", "prm": "implicit_prm",
+             "dr.grpo": "dr_grpo", "drgrpo": "dr_grpo", "pg": "policy_gradient"}
 
 
 def get_objective(name: str) -> Objective:

@@ -54,6 +54,7 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
   c.warm_start = dict(
       sft_steps=0,              # >0: first run this many SFT steps (same data, chosen side) and
       sft_lr=1e-3,              # start the policy and the reference from the result
+      sft_batch_size=0,         # 0 = train.batch_size
   )
   c.optim = optim.default_config()
   c.eval = dict(every_steps=50, batch_size=32, max_batches=0)   # 0 = the whole held-out split
@@ -61,8 +62,48 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.ops = dict(impl="auto")     # token_logprobs implementation
   c.ref = dict(precompute=False)
+  if obj.data_kind == "rl":
+    c.rl = rl_config()
+    c.eval.num_samples = 4      # pass@k on held-out prompts: k samples at rl.temperature
   c.export = dict(hf_dir="")    # write HF safetensors here at the end of training
   c.log = dict(tensorboard=True)
+  return c
+
+
+def rl_config() -> dict:
+  """The `rl` section of online recipes (jpost.rl.loop); the estimator's parts are `objective`."""
+  return dict(
+      group_size=8,             # G completions sampled per prompt (train.batch_size prompts)
+      max_new_tokens=8,         # generation limit (completions cut here are 'truncated')
+      temperature=1.0,          # sampling temperature; the trainer's log-probs use the same
+      top_p=1.0,
+      top_k=0,                  # 0 = off
+      stop=(),                  # stop strings (their tokens end a completion and are kept)
+      rewards="math",           # 'name[*weight],...': math | exact_match | regex_format | bleu |
+                                # pkg.module:function
+      reward_workers=8,         # host threads scoring completions
+      reward_timeout_s=10.0,    # per call; a reward past it is an error showing the row
+      no_eos_penalty=0.0,       # != 0: the reward of truncated completions (Tulu 3: -10)
+      correct_threshold=1.0,    # a reward >= this counts as correct (accuracy, pass@k, HPT)
+      num_iterations=1,         # passes over each rollout batch (PPO epochs)
+      mini_batches=1,           # optimiser updates per pass
+      old_logp="trainer",       # behaviour log-probs: 'trainer' (recomputed) | 'sampler'
+      max_sampling_rounds=4,    # dynamic sampling: prompt batches sampled at most per iteration
+  )
+
+
+def rl_recipe(c: ml_collections.ConfigDict, *, steps=150, lr=1e-4, sft_steps=500):
+  """Defaults shared by the online recipes' embedded runs (configs/grpo.py, ...).
+
+  A short SFT phase on the built-in task's answers (`warm_start.sft_steps`) gives the policy
+  non-zero accuracy to reinforce; then `steps` iterations of 16 prompts x 8 samples.
+  """
+  c.train.update(steps=steps, batch_size=16, log_every=10)
+  c.warm_start.update(sft_steps=sft_steps, sft_lr=3e-3, sft_batch_size=32)
+  c.optim.update(lr=lr, warmup_steps=5, weight_decay=0.0)
+  c.data.max_prompt_len = 16
+  c.eval.update(every_steps=25, batch_size=50, num_samples=4)
+  c.checkpoint.every_steps = 50
   return c
 
 

@@ -23,6 +23,7 @@ class ForwardSpec:
   needs_entropy: bool = False
   needs_kl: bool = False
   needs_mismatch: bool = False
+  needs_values: bool = False  # PPO: a scalar value head on the policy's hidden states
   head: str = "lm"            # 'lm' | 'reward'
   impl: str = "auto"          # token_logprobs implementation
   temperature: float = 1.0
@@ -53,6 +54,9 @@ def compute_logps(spec: ForwardSpec, params, ref_params, batch):
   logps["policy"], entropy = _token_logps(spec, lm, h_BTD, batch, with_entropy=spec.needs_entropy)
   if spec.needs_entropy:
     logps["entropy"] = entropy
+  if spec.needs_values:
+    # The value head shares the policy's trunk (one forward pass); its loss also trains the trunk.
+    logps["values"] = heads.scalar(params["value_head"], h_BTD)
 
   if spec.needs_ref and "ref_seq_logp" in batch:
     logps["ref_seq"] = batch["ref_seq_logp"]

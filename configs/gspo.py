@@ -1,0 +1,22 @@
+"""GSPO (ALGORITHMS.md §4, preset `gspo`) on built-in arithmetic prompts.
+
+  python scripts/train.py --config=configs/gspo.py
+  python scripts/train.py --config=configs/gspo.py:model=qwen3_0_6b \
+      --config.model.init=hf:/path/to/Qwen3-0.6B --config.data.tokenizer=hf:/path/to/Qwen3-0.6B \
+      --config.warm_start.sft_steps=0 --config.data.train=data/prompts.jsonl \
+      --config.data.eval=data/prompts_eval.jsonl --config.rl.max_new_tokens=1024
+
+Estimator: sequence-level importance ratio with the paper's narrow clip (3e-4 / 4e-4).
+The embedded default starts from random init, runs a short SFT phase on the task's answers
+(`warm_start.sft_steps`, same run) and then reinforces with the `math` reward (1 if the final
+number is right). Arg keys: model.
+"""
+from jpost.train.config import base_config, parse_arg, rl_recipe
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, {"model": "tiny"})
+  c = base_config("gspo")
+  c.model.name = a["model"]
+  rl_recipe(c)
+  return c
