@@ -95,10 +95,19 @@ class Proj(nn.Module):
 
 
 class Attention(nn.Module):
+  """Self-attention; `mode` (static) picks what it returns and which keys it sees:
+
+  'apply'    keys = this call's tokens -> o
+  'prefill'  the same, also returning this call's k, v (to be written into a KV cache)
+  'decode'   keys = cache slots [0, S) with this call's k, v written at `index` first; query t
+             sits at slot index + t -> (o, (k, v)). Masking by slot index (not position) is what
+             `apply` does too, so left padding and sliding windows behave identically.
+  """
   cfg: ModelConfig
+  mode: str = "apply"
 
   @nn.compact
-  def __call__(self, x_BTD, cos_sin, segment_ids_BT, is_sliding):
+  def __call__(self, x_BTD, cos_sin, segment_ids_BT, is_sliding, cache=None):
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     bias = lambda n, heads: dict(bias_shape=(n, k), bias_names=(heads, "head_dim")) \
@@ -119,14 +128,28 @@ class Attention(nn.Module):
                         ("batch", "length", "kv_heads", "head_dim"))
     v_BTGK = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
 
-    index_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), segment_ids_BT.shape)
-    mask = attention.make_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT,
+    t = x_BTD.shape[1]
+    if self.mode == "decode":
+      k_cache_BSGK, v_cache_BSGK, kv_segment_BS, index = cache
+      keys = jax.lax.dynamic_update_slice(k_cache_BSGK, k_BTGK.astype(k_cache_BSGK.dtype),
+                                          (0, index, 0, 0)).astype(k_BTGK.dtype)
+      values = jax.lax.dynamic_update_slice(v_cache_BSGK, v_BTGK.astype(v_cache_BSGK.dtype),
+                                            (0, index, 0, 0)).astype(v_BTGK.dtype)
+      keys = _constrain(keys, ("batch", "length", "kv_heads", "head_dim"))
+      values = _constrain(values, ("batch", "length", "kv_heads", "head_dim"))
+      q_index_BT = jnp.broadcast_to(index + jnp.arange(t), segment_ids_BT.shape)
+      kv_index_BS = jnp.broadcast_to(jnp.arange(keys.shape[1]), kv_segment_BS.shape)
+    else:
+      keys, values, kv_segment_BS = k_BTGK, v_BTGK, segment_ids_BT
+      q_index_BT = kv_index_BS = jnp.broadcast_to(jnp.arange(t), segment_ids_BT.shape)
+    mask = attention.make_mask(segment_ids_BT, kv_segment_BS, q_index_BT, kv_index_BS,
                                sliding_window=cfg.sliding_window, is_sliding=is_sliding)
-    o_BTHK = attention.attend(q_BTHK, k_BTGK, v_BTGK, mask, scale=cfg.attn_scale,
+    o_BTHK = attention.attend(q_BTHK, keys, values, mask, scale=cfg.attn_scale,
                               softcap=cfg.attn_softcap, impl=cfg.attention_impl)
     o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "head_dim"))
-    return Proj(cfg, "bthk,hkd->btd", (h, k, d), ("heads", "head_dim", "embed"),
-                name="o_proj")(o_BTHK)
+    o_BTD = Proj(cfg, "bthk,hkd->btd", (h, k, d), ("heads", "head_dim", "embed"),
+                 name="o_proj")(o_BTHK)
+    return o_BTD, (None if self.mode == "apply" else (k_BTGK, v_BTGK))
 
 
 class MLP(nn.Module):
@@ -147,14 +170,23 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block; the call signature is (carry, *broadcast, scanned) for `nn.scan`."""
+  """One pre-norm block; the call signature is (carry, *broadcast, *scanned) for `nn.scan`.
+
+  The scanned outputs are None ('apply') or this layer's new k, v ('prefill', 'decode'), which
+  the scan stacks to [L, B, T, G, K]. In 'decode' the layer's cache slices k/v [B, S, G, K] are
+  scanned inputs and `kv_context` = (cache segment ids [B, S], write index) is broadcast.
+  """
   cfg: ModelConfig
+  mode: str = "apply"
 
   @nn.compact
-  def __call__(self, h_BTD, cos_sin, segment_ids_BT, is_sliding):
+  def __call__(self, h_BTD, cos_sin, segment_ids_BT, kv_context, is_sliding, k_cache=None,
+               v_cache=None):
     cfg = self.cfg
+    cache = None if kv_context is None else (k_cache, v_cache, *kv_context)
     x = RMSNorm(cfg, name="pre_attn_norm")(h_BTD)
-    x = Attention(cfg, name="attn")(x, cos_sin, segment_ids_BT, is_sliding)
+    x, new_kv = Attention(cfg, self.mode, name="attn")(x, cos_sin, segment_ids_BT, is_sliding,
+                                                       cache)
     if cfg.sandwich_norms:
       x = RMSNorm(cfg, name="post_attn_norm")(x)
     h_BTD = h_BTD + x
@@ -163,24 +195,32 @@ class DecoderLayer(nn.Module):
     if cfg.sandwich_norms:
       x = RMSNorm(cfg, name="post_mlp_norm")(x)
     h_BTD = _constrain(h_BTD + x, ("batch", "length", "activation_embed"))
-    return h_BTD, None
+    return h_BTD, new_kv
 
 
-def _scanned_layers(cfg: ModelConfig):
+def _scanned_layers(cfg: ModelConfig, mode: str = "apply"):
   layer = DecoderLayer
-  if cfg.remat != "none":
+  if cfg.remat != "none" and mode == "apply":
     # prevent_cse=False is safe (and faster) under scan, which already blocks the CSE it guards.
+    # (Only training needs remat: the cached modes never take gradients.)
     layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  cached = (0, 0) if mode == "decode" else ()
   return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                 in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0) + cached,
+                 length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Decoder(nn.Module):
+  """'apply' -> h_BTD; 'prefill' / 'decode' -> (h_BTD, (k, v) [L, B, T, G, K] of these tokens).
+
+  `cache` ('decode' only) = (k, v [L, B, S, G, K], kv segment ids [B, S] with this call's
+  tokens already written, write index). The mode changes no parameter: one params tree serves all.
+  """
   cfg: ModelConfig
+  mode: str = "apply"
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
     cfg = self.cfg
     h_BTD = Embed(cfg, name="embed")(tokens_BT)
     if cfg.embed_scale:
@@ -191,13 +231,19 @@ class Decoder(nn.Module):
     cos_sin = attention.rope_cos_sin(cfg, positions_BT)
     # The per-layer window flag is a scanned input, so Gemma 2's alternation runs one body.
     is_sliding_L = jnp.asarray(cfg.sliding_layers())
-    h_BTD, _ = _scanned_layers(cfg)(cfg, name="layers")(h_BTD, cos_sin, segment_ids_BT,
-                                                        is_sliding_L)
+    layers = _scanned_layers(cfg, self.mode)(cfg, self.mode, name="layers")
+    if self.mode == "decode":
+      k_cache_L, v_cache_L, kv_segment_BS, index = cache
+      h_BTD, new_kv = layers(h_BTD, cos_sin, segment_ids_BT, (kv_segment_BS, index),
+                             is_sliding_L, k_cache_L, v_cache_L)
+    else:
+      h_BTD, new_kv = layers(h_BTD, cos_sin, segment_ids_BT, None, is_sliding_L)
     h_BTD = RMSNorm(cfg, name="final_norm")(h_BTD)
     if not cfg.tie_embeddings:
       # Created here so it lives in the params tree; used only through `unembedding`.
       LMHead(cfg, name="lm_head")()
-    return _constrain(h_BTD, ("batch", "length", "activation_embed"))
+    h_BTD = _constrain(h_BTD, ("batch", "length", "activation_embed"))
+    return h_BTD if self.mode == "apply" else (h_BTD, new_kv)
 
 
 class Embed(nn.Module):
@@ -316,3 +362,98 @@ def logits(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_B
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones_like(tokens_BT)
   return _logits(cfg, params, tokens_BT, positions_BT, segment_ids_BT, _current_rules())
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV cache (generation): prefill a prompt, then decode a few tokens at a time.
+# ---------------------------------------------------------------------------------------------
+
+# Logical axes of the cache entries: batch over data/fsdp and kv heads over tensor (like the k/v
+# activations they store), so a sharded sampler never gathers the cache.
+CACHE_AXES = {
+    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "segment_ids": ("batch", "length"),
+}
+
+
+def _constrain_cache(cache):
+  return {name: _constrain(x, CACHE_AXES[name]) for name, x in cache.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _init_cache(cfg, batch, max_len, dtype, rules):
+  with nn.logical_axis_rules(rules):
+    kv_shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return _constrain_cache({"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
+                             "segment_ids": jnp.zeros((batch, max_len), jnp.int32)})
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty, preallocated KV cache for `max_len` token slots per row (prompt + generation).
+
+  {'k', 'v': [L, B, S, G, K] in `dtype` (default cfg.dtype), 'segment_ids': [B, S] int32}. The
+  layers axis leads so the scanned decoder reads one layer's slice per scan step. Slots keep
+  segment 0 until written; unwritten slots are also in the future of every query, so they are
+  masked either way.
+  """
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  return _init_cache(cfg, int(batch), int(max_len), dtype, _current_rules())
+
+
+def _write_cache(cache, k_LBTGK, v_LBTGK, segment_ids_BT, index):
+  """Writes T new tokens' k, v and segment ids at slots [index, index + T) (in place under jit)."""
+  dtype = cache["k"].dtype
+  return _constrain_cache({
+      "k": jax.lax.dynamic_update_slice(cache["k"], k_LBTGK.astype(dtype), (0, 0, index, 0, 0)),
+      "v": jax.lax.dynamic_update_slice(cache["v"], v_LBTGK.astype(dtype), (0, 0, index, 0, 0)),
+      "segment_ids": jax.lax.dynamic_update_slice(
+          cache["segment_ids"], segment_ids_BT.astype(jnp.int32), (0, index)),
+  })
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _prefill(cfg, params, tokens_BT, positions_BT, segment_ids_BT, cache, rules):
+  with nn.logical_axis_rules(rules):
+    # Plain self-attention over the prompt (T x T scores, not T x S): slots past T are empty.
+    h_BTD, (k_LBTGK, v_LBTGK) = Decoder(cfg, "prefill").apply(
+        {"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+    return h_BTD, _write_cache(cache, k_LBTGK, v_LBTGK, segment_ids_BT, 0)
+
+
+def prefill(cfg: ModelConfig, params, tokens_BT, positions_BT, segment_ids_BT, cache):
+  """Runs the prompt, writing its k, v at slots [0, T) -> (h_BTD final-normed, cache).
+
+  h_BTD equals `apply` on the same inputs; the cache must have S >= T slots.
+  """
+  if tokens_BT.shape[1] > cache["k"].shape[2]:
+    raise ValueError(f"prefill: {tokens_BT.shape[1]} prompt tokens do not fit a cache of "
+                     f"{cache['k'].shape[2]} slots")
+  return _prefill(cfg, params, tokens_BT, positions_BT, segment_ids_BT, cache, _current_rules())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _decode_step(cfg, params, tokens_BT, positions_BT, segment_ids_BT, cache, index, rules):
+  with nn.logical_axis_rules(rules):
+    index = jnp.asarray(index, jnp.int32)
+    kv_segment_BS = jax.lax.dynamic_update_slice(
+        cache["segment_ids"], segment_ids_BT.astype(jnp.int32), (0, index))
+    h_BTD, (k_LBTGK, v_LBTGK) = Decoder(cfg, "decode").apply(
+        {"params": params}, tokens_BT, positions_BT, segment_ids_BT,
+        (cache["k"], cache["v"], kv_segment_BS, index))
+    return h_BTD, _write_cache(cache, k_LBTGK, v_LBTGK, segment_ids_BT, index)
+
+
+def decode_step(cfg: ModelConfig, params, tokens_BT, positions_BT, cache, index,
+                segment_ids_BT=None):
+  """Runs T new tokens (usually T = 1) at slots [index, index + T) -> (h_BTD, cache).
+
+  Each token attends to the cache slots <= its own that hold its segment (default 1), within
+  the sliding window on windowed layers: exactly what `apply` on the whole sequence computes,
+  where a token's slot plays the role of its index in the row. `index` may be traced (a
+  while-loop counter); slots past index + T are never read, so the caller keeps them in bounds.
+  """
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones(jnp.shape(tokens_BT), jnp.int32)
+  return _decode_step(cfg, params, tokens_BT, positions_BT, segment_ids_BT, cache, index,
+                      _current_rules())
