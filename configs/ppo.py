@@ -19,5 +19,4 @@ def get_config(arg=None):
   c = base_config("ppo")
   c.model.name = a["model"]
   rl_recipe(c)
-  c.optim.lr = 3e-4   # the zero-initialised value head needs a faster start than the policy
   return c

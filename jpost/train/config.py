@@ -55,12 +55,15 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
       sft_steps=0,              # >0: first run this many SFT steps (same data, chosen side) and
       sft_lr=1e-3,              # start the policy and the reference from the result
       sft_batch_size=0,         # 0 = train.batch_size
+      sft_weight_decay=0.0,
   )
   c.optim = optim.default_config()
   c.eval = dict(every_steps=50, batch_size=32, max_batches=0)   # 0 = the whole held-out split
   c.checkpoint = dict(every_steps=100, keep=2, async_save=True)
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.ops = dict(impl="auto")     # token_logprobs implementation
+  # precompute: score the training / eval data once with the reference (cached in
+  # <workdir>/ref_cache) and run no reference in the step; see jpost/train/ref_cache.py.
   c.ref = dict(precompute=False)
   if obj.data_kind == "rl":
     c.rl = rl_config()
@@ -92,17 +95,23 @@ def rl_config() -> dict:
   )
 
 
-def rl_recipe(c: ml_collections.ConfigDict, *, steps=150, lr=1e-4, sft_steps=500):
+def rl_recipe(c: ml_collections.ConfigDict, *, steps=300, lr=3e-4, sft_steps=1500):
   """Defaults shared by the online recipes' embedded runs (configs/grpo.py, ...).
 
-  A short SFT phase on the built-in task's answers (`warm_start.sft_steps`) gives the policy
-  non-zero accuracy to reinforce; then `steps` iterations of 16 prompts x 8 samples.
+  An SFT phase on the built-in task's answers (`warm_start.sft_steps`, the SFT recipe's 1500
+  steps of 32: held-out greedy accuracy ~0.8, but only ~0.5 of temperature-1 samples are right)
+  and then `steps` iterations of 32 prompts x 8 samples at a constant lr, each rollout batch
+  used for two clipped updates (old log-probs recomputed). The tiny model is fragile: lr 1e-3
+  drops held-out accuracy from 0.79 to 0.3 within 50 iterations (measured).
   """
-  c.train.update(steps=steps, batch_size=16, log_every=10)
-  c.warm_start.update(sft_steps=sft_steps, sft_lr=3e-3, sft_batch_size=32)
-  c.optim.update(lr=lr, warmup_steps=5, weight_decay=0.0)
+  c.train.update(steps=steps, batch_size=32, log_every=25)
+  c.rl.mini_batches = 2
+  # The SFT recipe's optimiser (configs/sft.py): its weight decay matters for the held-out
+  # accuracy this phase reaches (0.79 with 0.01, 0.45 without, same seed).
+  c.warm_start.update(sft_steps=sft_steps, sft_lr=3e-3, sft_batch_size=32, sft_weight_decay=0.01)
+  c.optim.update(lr=lr, schedule="constant", warmup_steps=5, weight_decay=0.0)
   c.data.max_prompt_len = 16
-  c.eval.update(every_steps=25, batch_size=50, num_samples=4)
+  c.eval.update(every_steps=50, batch_size=50, num_samples=4)
   c.checkpoint.every_steps = 50
   return c
 
