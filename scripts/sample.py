@@ -4,6 +4,8 @@
       [--tokenizer=byte|hf:DIR] [--chat_template | --no-chat_template] [--max_new_tokens=64]
       [--temperature=0.7] [--top_p=1] [--top_k=0] [--num_samples=1] [--seed=0]
       [--batch_size=16] [--stop=STR ...] [--dtype=bfloat16]
+      [--qalign --reward=math | --reward_model=RM_WORKDIR [--qalign_steps=16] [--qalign_beta=1]
+       [--qalign_vote=answer|text]]
 
 --model is a jpost workdir (or its checkpoints/ directory: the latest checkpoint's params and the
 workdir's model_config.json), or an HF directory (`hf:DIR`, or a directory with an HF
@@ -15,6 +17,15 @@ encoded as the data pipeline encodes RL prompts: messages (or any prompt with --
 rendered with the generation prompt. Each output line is the input object plus `completion`
 (the decoded text without EOS / stop tokens), `num_tokens` (generated, EOS / stop included),
 `finished` (ended by EOS or a stop string rather than --max_new_tokens) and `sample_index`.
+
+--qalign (test-time alignment, jpost/rl/qalign.py): each of the --num_samples samples per prompt
+is a QAlign MCMC chain of --qalign_steps steps that resamples suffixes of its completion and
+accepts them by the reward (--reward=NAME, a jpost.rl.rewards reward such as `math`, which reads
+the row's `answer`; or --reward_model=PATH, a jpost reward-model workdir) at temperature
+--qalign_beta. The chain's answer is a majority vote over its states (--qalign_vote=answer: the
+extracted final answer; text: the whole completion). Such a line also has `qalign_answer`,
+`qalign_votes`, `qalign_accept_rate` and `qalign_chain` (the initial and every accepted state:
+step, completion, reward); its `completion` is the latest state holding the voted answer.
 """
 import argparse
 import json
@@ -31,59 +42,36 @@ class InputError(ValueError):
 
 # --- the model ---------------------------------------------------------------------------------
 
-def _jpost_workdir(path):
-  """The workdir holding model_config.json for a workdir or its checkpoints/ dir, else None."""
-  path = os.path.abspath(path)
-  for d in (path, os.path.dirname(path)):
-    if os.path.exists(os.path.join(d, "model_config.json")):
-      return d
-  return None
-
-
 def resolve_model(spec: str) -> dict:
   """--model -> {'kind': 'jpost'|'hf', 'path', 'workdir', 'tokenizer', 'chat_template'}."""
-  path = os.path.expanduser(spec[3:] if spec.startswith("hf:") else spec)
-  if not os.path.isdir(path):
-    raise InputError(f"--model={spec}: no such directory")
-  workdir = None if spec.startswith("hf:") else _jpost_workdir(path)
-  if workdir is not None:
-    data = {}
-    run_config = os.path.join(workdir, "config.json")
-    if os.path.exists(run_config):
-      with open(run_config) as f:
-        data = json.load(f).get("data", {})
-    return dict(kind="jpost", path=path, workdir=workdir,
+  from jpost.models import resolve
+
+  try:
+    source = resolve.resolve(spec)
+  except FileNotFoundError as e:
+    raise InputError(f"--model={e}") from None
+  if source.kind == "jpost":
+    data = source.run_config().get("data", {})
+    return dict(kind="jpost", path=source.path, workdir=source.workdir, source=source,
                 tokenizer=data.get("tokenizer", "byte"),
                 chat_template=bool(data.get("chat_template", False)))
-  if not os.path.exists(os.path.join(path, "config.json")):
-    raise InputError(f"--model={spec}: neither a jpost workdir (no model_config.json) nor a "
-                     "Hugging Face directory (no config.json)")
-  has_tok = os.path.exists(os.path.join(path, "tokenizer.json"))
-  return dict(kind="hf", path=path, workdir=None, tokenizer=f"hf:{path}" if has_tok else None,
-              chat_template=False)
+  has_tok = os.path.exists(os.path.join(source.path, "tokenizer.json"))
+  return dict(kind="hf", path=source.path, workdir=None, source=source,
+              tokenizer=f"hf:{source.path}" if has_tok else None, chat_template=False)
 
 
 def load_model(model: dict, dtype: str | None):
   """-> (model_cfg, lm params)."""
-  import dataclasses
+  from jpost.models import resolve
 
-  import jax.numpy as jnp
-  from jpost import models
-  from jpost.checkpoints import train_ckpt
-
-  if model["kind"] == "hf":
-    return models.load_hf(model["path"], dtype=jnp.dtype(dtype or "float32"))
-  cfg = models.read_model_config_json(os.path.join(model["workdir"], "model_config.json"))
-  params = train_ckpt.load_params(model["path"])["lm"]
-  if dtype:   # the compute dtype; the stored weights are cast by the matmuls
-    cfg = dataclasses.replace(cfg, dtype=dtype)
-  return cfg, params
+  return resolve.load_lm(model["source"], dtype)
 
 
 # --- prompts -----------------------------------------------------------------------------------
 
-def read_prompts(path: str, encoder) -> list[tuple[dict, list[int]]]:
-  """JSONL rows -> [(row, prompt ids)]; any bad row is an InputError naming path:line."""
+def read_prompts(path: str, encoder) -> list[tuple[dict, list[int], str]]:
+  """JSONL rows -> [(row, prompt ids, 'path:line')]; any bad row is an InputError naming
+  path:line."""
   from jpost.data.schema import RowError, validate
 
   out = []
@@ -103,7 +91,7 @@ def read_prompts(path: str, encoder) -> list[tuple[dict, list[int]]]:
         (seq,), _ = encoder.encode(validate(row, "rl"))
       except RowError as e:
         raise InputError(f"{where}: {e}") from None
-      out.append((row, [int(i) for i in seq.ids]))
+      out.append((row, [int(i) for i in seq.ids], where))
   if not out:
     raise InputError(f"{path}: no prompts")
   return out
@@ -166,10 +154,28 @@ def parse_args(argv=None):
   p.add_argument("--batch_size", type=int, default=16, help="sequences per generate call")
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   p.add_argument("--dtype", default=None, help="compute dtype (default: the model's)")
+  q = p.add_argument_group("QAlign (MCMC test-time alignment)")
+  q.add_argument("--qalign", action="store_true", help="run a QAlign chain per sample")
+  q.add_argument("--qalign_steps", type=int, default=16, help="MCMC steps per chain")
+  q.add_argument("--qalign_beta", type=float, default=1.0, help="reward temperature beta")
+  q.add_argument("--qalign_vote", choices=("answer", "text"), default="answer",
+                 help="vote on the extracted final answer or on the whole completion")
+  q.add_argument("--reward", default=None,
+                 help="reward by name (math, exact_match, ... or package.module:function)")
+  q.add_argument("--reward_model", default=None, help="a jpost reward-model workdir")
   args = p.parse_args(argv)
   for name in ("max_new_tokens", "num_samples", "batch_size"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1")
+  if args.qalign:
+    if (args.reward is None) == (args.reward_model is None):
+      p.error("--qalign needs one of --reward=NAME or --reward_model=PATH")
+    if args.qalign_steps < 0:
+      p.error("--qalign_steps must be >= 0")
+    if args.qalign_beta <= 0:
+      p.error("--qalign_beta must be > 0")
+  elif args.reward is not None or args.reward_model is not None:
+    p.error("--reward / --reward_model are for --qalign")
   return args
 
 
@@ -189,6 +195,11 @@ def run(args) -> int:
     raise InputError(f"--tokenizer={spec}: {e}") from None
   chat = model["chat_template"] if args.chat_template is None else args.chat_template
   max_prompt = max(sampler.DEFAULT_BUCKETS)
+  if args.qalign:   # QAlign re-prompts with prompt + a kept prefix of up to max_new_tokens - 1
+    max_prompt -= args.max_new_tokens - 1
+    if max_prompt < 1:
+      raise InputError(f"--max_new_tokens={args.max_new_tokens} leaves no room for a prompt "
+                       f"under the largest prompt bucket ({max(sampler.DEFAULT_BUCKETS)})")
   encoder = Encoder(tokenizer, kind="rl", chat_template=chat, loss_on="completion",
                     max_len=max_prompt, overlong="drop", max_prompt_len=max_prompt)
   prompts = read_prompts(args.prompts, encoder)   # fail on bad input before loading weights
@@ -202,6 +213,9 @@ def run(args) -> int:
   import jax
   import numpy as np
 
+  reward_fn = None
+  if args.qalign:   # before the policy's weights: a row the reward cannot score fails fast
+    reward_fn = make_reward_fn(args, [row for row, _, _ in prompts], [w for _, _, w in prompts])
   model_cfg, params = load_model(model, args.dtype)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise InputError(f"tokenizer {spec} has {tokenizer.vocab_size} tokens but the model's "
@@ -216,6 +230,9 @@ def run(args) -> int:
     raise InputError(str(e)) from None
   params = jax.device_put(params)
   key = jax.random.PRNGKey(args.seed)
+  if args.qalign:
+    return run_qalign(args, prompts, model_cfg, params, sc, tokenizer, eos_ids, stop_ids,
+                      reward_fn, key)
   n = 0
   with open(args.out, "w", encoding="utf-8") as f:
     for b, batch in enumerate(_batches(prompts, args.num_samples, args.batch_size)):
@@ -232,6 +249,142 @@ def run(args) -> int:
                                          bool(out["stopped"][j]), eos_ids, stop_ids, args.stop)
         row = dict(prompts[i][0], completion=text, num_tokens=length, finished=finished,
                    sample_index=k)
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        n += 1
+  return n
+
+
+# --- QAlign ------------------------------------------------------------------------------------
+
+def make_reward_fn(args, rows, wheres):
+  """-> fn(prompt indices, completion texts) -> rewards [N] float, from --reward or
+  --reward_model. Rows a named built-in reward cannot score (no `answer`) fail here, naming
+  path:line, before any sampling."""
+  import numpy as np
+  from jpost.rl import rewards
+
+  if args.reward is not None:
+    try:
+      fn = rewards.make_reward(args.reward)
+    except (ValueError, ImportError, AttributeError) as e:
+      raise InputError(f"--reward={args.reward}: {e}") from None
+    if args.reward in ("math", "exact_match"):
+      for row, where in zip(rows, wheres):
+        if row.get("answer") is None:
+          raise InputError(f"{where}: --reward={args.reward} needs an 'answer' field (fields "
+                           f"found: {', '.join(sorted(row))})")
+    scorer = rewards.Scorer([(args.reward, fn, 1.0)])
+
+    def named(idx, texts):
+      try:
+        total, _ = scorer.score([rows[i] for i in idx], texts)
+      except rewards.RewardError as e:
+        raise InputError(str(e)) from None
+      return total
+
+    return named
+
+  import jax
+  from jpost import data as jdata
+  from jpost import scoring
+  from jpost.data import batching
+  from jpost.data.schema import RowError
+  from jpost.train import forward
+
+  try:
+    rm = scoring.load_model(args.reward_model, args.dtype)
+  except (FileNotFoundError, ValueError) as e:
+    raise InputError(f"--reward_model={args.reward_model}: {e}") from None
+  if "reward_head" not in rm.params:
+    raise InputError(f"--reward_model={args.reward_model}: its params have no 'reward_head' (a "
+                     "reward model is trained with configs/rm.py)")
+  # Completions are scored as the reward model was trained: its run's tokenizer and template.
+  data_cfg = scoring.data_config([rm])
+  rm_tok = jdata.make_tokenizer(data_cfg)
+  encoder = jdata.Encoder(rm_tok, kind="sft", chat_template=data_cfg.chat_template,
+                          loss_on="completion", max_len=data_cfg.max_len,
+                          overlong=data_cfg.overlong)
+
+  # The head read at each sequence's last token, as scoring.reward_scores does, but jitted once:
+  # a chain scores every step, and full batches of power-of-two widths keep the compiles few.
+  spec = forward.ForwardSpec(model_cfg=rm.cfg, head="reward")
+  score_fn = jax.jit(lambda p, b: forward.compute_logps(spec, p, None, b)["reward"])
+  rm_params = jax.device_put(rm.params)
+
+  def model(idx, texts):
+    seqs = []
+    for i, text in zip(idx, texts):
+      try:
+        seqs.append(encoder.prompt_completion(rows[i]["prompt"], text)[0])
+      except RowError as e:
+        raise InputError(f"{wheres[i]}: cannot encode a completion for the reward model: "
+                         f"{e}") from None
+    width = max(16, 1 << (max(len(q.ids) for q in seqs) - 1).bit_length())
+    out = []
+    for start in range(0, len(seqs), args.batch_size):
+      chunk = [[q] for q in seqs[start:start + args.batch_size]]
+      n = len(chunk)
+      batch = batching.unpacked_batch(chunk + [None] * (args.batch_size - n), width, 1)
+      out.append(np.asarray(score_fn(rm_params, batch))[:n])
+    return np.concatenate(out).astype(np.float64)
+
+  return model
+
+
+def _stopped(ids, eos_ids, stop_ids) -> bool:
+  """Whether a completion ended by EOS / a stop sequence (what generate's `stopped` says for a
+  fresh sample; recomputed because a chain's states are spliced from several samples)."""
+  if not ids:
+    return False
+  return ids[-1] in eos_ids or any(len(ids) >= len(s) and tuple(ids[-len(s):]) == tuple(s)
+                                   for s in stop_ids)
+
+
+def run_qalign(args, prompts, model_cfg, params, sc, tokenizer, eos_ids, stop_ids, reward_fn,
+               key) -> int:
+  """One QAlign chain per (prompt, sample); --batch_size chains advance together."""
+  import jax
+  import numpy as np
+  from jpost.rl import qalign
+  from jpost.rl import rewards
+
+  def decode(ids):
+    return completion_text(tokenizer, ids, _stopped(ids, eos_ids, stop_ids), eos_ids, stop_ids,
+                           args.stop)
+
+  def vote_key(text):
+    if args.qalign_vote == "text":
+      return text.strip()
+    answer = rewards.extract_answer(text)
+    return None if answer is None else rewards.normalize_answer(answer)
+
+  n = 0
+  with open(args.out, "w", encoding="utf-8") as f:
+    for b, batch in enumerate(_batches(prompts, args.num_samples, args.batch_size)):
+      bkey = jax.random.fold_in(key, b)
+      propose = qalign.make_proposal(model_cfg, params, [prompts[i][1] for i, _ in batch], sc,
+                                     args.batch_size, bkey)
+      y0s = propose(list(range(len(batch))), [()] * len(batch))   # the initial samples
+
+      def chain_rewards(ids, ys):
+        return reward_fn([batch[c][0] for c in ids], [decode(y)[0] for y in ys])
+
+      chains = qalign.run_chains(propose, chain_rewards, y0s, args.qalign_steps,
+                                 np.random.default_rng([args.seed, b]), args.qalign_beta)
+      for (i, k), chain in zip(batch, chains):
+        texts = [decode(y) for y in chain.states]
+        keys = [vote_key(t) for t, _ in texts]
+        winner, counts = qalign.majority_vote(keys)
+        t = max(j for j, key_j in enumerate(keys) if key_j == winner)   # latest such state
+        text, finished = texts[t]
+        answer = rewards.extract_answer(text) if args.qalign_vote == "answer" else text
+        row = dict(prompts[i][0], completion=text, num_tokens=len(chain.states[t]),
+                   finished=finished, sample_index=k, qalign_answer=answer,
+                   qalign_votes={"(none)" if key_j is None else key_j: c
+                                 for key_j, c in counts.items()},
+                   qalign_accept_rate=chain.accept_rate,
+                   qalign_chain=[{"step": j, "completion": texts[j][0],
+                                  "reward": chain.rewards[j]} for j in chain.accepted()])
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         n += 1
   return n
