@@ -21,5 +21,5 @@ def get_config(arg=None):
   # A shorter SFT phase than the other recipes (held-out accuracy ~0.1), so most prompts start
   # with no correct rollout and HPT's switch has something to do: `hpt/sft_frac` then falls as
   # the demonstrations (SFT) and rollouts (Dr.GRPO) raise the accuracy.
-  rl_recipe(c, sft_steps=600, lr=1e-3)
+  rl_recipe(c, steps=300, lr=1e-3, batch_size=32, sft_steps=600)
   return c
