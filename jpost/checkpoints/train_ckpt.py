@@ -10,6 +10,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -75,21 +76,32 @@ def find_checkpoint_dir(path: str) -> str:
 
 
 def load_params(path: str):
-  """Params of the latest checkpoint under `path` (for `model.init=ckpt:PATH`), as host arrays.
+  """Params of the latest checkpoint under `path` (for `model.init=ckpt:PATH`, scoring, export),
+  as host numpy arrays.
 
-  Restores without a target tree, so the source run's optimiser may differ from this one's.
+  Reads only the params (not the optimiser state) and restores them as numpy arrays, so neither
+  the source run's optimiser nor its device topology has to match this process: a checkpoint
+  written by 8 devices loads on 1 (restoring into the saved shardings would need the same mesh).
   """
   directory = find_checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"model.init=ckpt:{path}: no such directory")
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(directory,
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                 "data": ocp.JsonCheckpointHandler(),
+                                                 "meta": ocp.JsonCheckpointHandler()})
   step = manager.latest_step()
   if step is None:
+    manager.close()
     raise FileNotFoundError(f"model.init=ckpt:{path}: no complete checkpoint in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  saved = manager.item_metadata(step)["state"]["params"]
+  target = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), saved)}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True)))
   manager.close()
   log.info("loaded params from %s step %d", directory, step)
-  return jax.tree.map(lambda x: x, restored.state["params"])
+  return restored.state["params"]
 
 
 def config_fingerprint(cfg_dict: dict) -> str:

@@ -7,6 +7,11 @@ A sequence of n tokens occupies n positions of its row: `tokens` holds all of it
 reward head can read the EOS hidden state), `targets[t]` is the next token of the same sequence
 (0 at its last position and on padding), and `loss_mask[t] = mask[t + 1]`, i.e. 1 where
 `targets[t]` is a trained token. Targets therefore never cross a packed segment boundary.
+
+Every batch also carries `example_id` [S] int32: the index of the slot's example in the encoded
+dataset (`EncodedDataset.example(i)`; both slots of a pair hold the pair's index), -1 for padding
+slots or when the caller passes no ids. It ties a slot to per-example tables computed once over
+the dataset (`ref.precompute`: jpost/train/ref_cache.py).
 """
 import numpy as np
 
@@ -34,11 +39,15 @@ def place(arrays: dict, seq: Seq, row: int, start: int, segment: int, slot: int)
   arrays["seq_index"][row, start:end] = slot
 
 
-def unpacked_batch(examples: list, max_len: int, per: int = 1) -> dict:
-  """One sequence per row: example i -> row i (pairs, per=2: chosen row 2i, rejected 2i + 1)."""
+def unpacked_batch(examples: list, max_len: int, per: int = 1, example_ids=None) -> dict:
+  """One sequence per row: example i -> row i (pairs, per=2: chosen row 2i, rejected 2i + 1).
+
+  `example_ids[i]`: dataset index of example i (None / absent -> `example_id` -1).
+  """
   rows = len(examples) * per
   out = empty_token_arrays(rows, max_len)
   valid = np.zeros(rows, np.float32)
+  ids = np.full(rows, -1, np.int32)
   for i, example in enumerate(examples):
     if example is None:
       continue
@@ -46,7 +55,10 @@ def unpacked_batch(examples: list, max_len: int, per: int = 1) -> dict:
       slot = i * per + k
       place(out, seq, slot, 0, 1, slot)
       valid[slot] = 1.0
+      if example_ids is not None and example_ids[i] is not None:
+        ids[slot] = example_ids[i]
   out["example_valid"] = valid
+  out["example_id"] = ids
   return out
 
 
@@ -83,8 +95,8 @@ def mismatch_arrays(examples: list, max_len: int, bos_id) -> dict:
   return {"mismatch_" + k: v for k, v in out.items()}
 
 
-def unpaired_batch(examples: list, labels: list, max_len: int, bos_id) -> dict:
-  out = unpacked_batch(examples, max_len)
+def unpaired_batch(examples: list, labels: list, max_len: int, bos_id, example_ids=None) -> dict:
+  out = unpacked_batch(examples, max_len, example_ids=example_ids)
   out["label"] = np.asarray([float(l) if l is not None else 0.0 for l in labels], np.float32)
   out.update(mismatch_arrays(examples, max_len, bos_id))
   return out
@@ -123,12 +135,14 @@ class FirstFitPacker:
     self.segments = [0] * rows
     self.used = 0
     self.arrays = empty_token_arrays(rows, max_len)
+    self.example_ids = np.full(slots, -1, np.int32)
 
   @property
   def empty(self) -> bool:
     return self.used == 0
 
-  def add(self, example: list) -> bool:
+  def add(self, example: list, example_id: int = -1) -> bool:
+    """Places `example` (its sequences) if it fits; `example_id`: its dataset index."""
     if self.used + len(example) > self.slots:
       return False
     fill = list(self.fill)
@@ -142,6 +156,7 @@ class FirstFitPacker:
     for seq, (row, start) in zip(example, where):
       self.segments[row] += 1
       place(self.arrays, seq, row, start, self.segments[row], self.used)
+      self.example_ids[self.used] = example_id
       self.used += 1
     self.fill = fill
     return True
@@ -149,4 +164,4 @@ class FirstFitPacker:
   def batch(self) -> dict:
     valid = np.zeros(self.slots, np.float32)
     valid[:self.used] = 1.0
-    return dict(self.arrays, example_valid=valid)
+    return dict(self.arrays, example_valid=valid, example_id=self.example_ids.copy())

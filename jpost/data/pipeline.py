@@ -61,13 +61,13 @@ class EpochOrder(grain.MapDataset):
 
 
 class _Lookup:
-  """Example id -> its sequences (module level, so grain can pickle it into workers)."""
+  """Example id -> (id, its sequences) (module level, so grain can pickle it into workers)."""
 
   def __init__(self, store: EncodedDataset):
     self.store = store
 
   def __call__(self, i):
-    return self.store.example(int(i))
+    return int(i), self.store.example(int(i))
 
 
 class _LocalBatch:
@@ -89,8 +89,8 @@ class _LocalBatch:
       return batching.rl_batch(examples, rows, self.prompt_len, self.rl_padding)
     if kind == "unpaired":
       labels = [None if i is None else bool(self.store.labels[i]) for i in ids]
-      return batching.unpaired_batch(examples, labels, self.max_len, self.bos_id)
-    return batching.unpacked_batch(examples, self.max_len, self.store.per)
+      return batching.unpaired_batch(examples, labels, self.max_len, self.bos_id, ids)
+    return batching.unpacked_batch(examples, self.max_len, self.store.per, ids)
 
 
 class PackIterDataset(grain.IterDataset):
@@ -119,7 +119,7 @@ class _PackIterator(grain.DatasetIterator):
     if self._pending is not None:
       # Sequences are at most max_len and there are >= `per` rows and slots, so an example always
       # fits an empty batch; failing here would silently lose it.
-      if not packer.add(self._pending):
+      if not packer.add(self._pending[1], example_id=self._pending[0]):
         raise RuntimeError("an example does not fit an empty packed batch")
       self._pending = None
     while True:
@@ -130,7 +130,7 @@ class _PackIterator(grain.DatasetIterator):
         if packer.empty or s.drop_remainder:
           raise
         return packer.batch()
-      if not packer.add(example):
+      if not packer.add(example[1], example_id=example[0]):
         self._pending, self._pending_state = example, copy.deepcopy(state)
         return packer.batch()
 
@@ -152,10 +152,11 @@ class DataIterator:
   different order.
   """
 
-  def __init__(self, it, identity: dict, summary: dict):
+  def __init__(self, it, identity: dict, summary: dict, store: EncodedDataset | None = None):
     self._it = it
     self._identity = identity
     self.summary = summary
+    self.store = store   # the encoded dataset; batches' `example_id` index into it
 
   def __iter__(self):
     return self
@@ -226,7 +227,7 @@ def make_train_iterator(data_cfg, kind: str, tokenizer=None, *, batch_size: int,
               "shuffle": bool(data_cfg.shuffle), "pack": bool(data_cfg.pack)}
   if data_cfg.pack:   # packed streams are dealt per process: the count fixes the order
     identity["process_count"] = process_count
-  return DataIterator(it, identity, store.summary)
+  return DataIterator(it, identity, store.summary, store)
 
 
 def make_eval_iterator(data_cfg, kind: str, tokenizer=None, *, batch_size: int,
@@ -241,7 +242,7 @@ def make_eval_iterator(data_cfg, kind: str, tokenizer=None, *, batch_size: int,
   it = _build(store, data_cfg, tokenizer, batch_size=batch_size, seed=0,
               process_index=process_index, process_count=process_count, shuffle=False,
               num_epochs=1, drop_remainder=False, pack=False, threads=0)
-  return DataIterator(it, {"examples": len(store), "batch_size": batch_size}, store.summary)
+  return DataIterator(it, {"examples": len(store), "batch_size": batch_size}, store.summary, store)
 
 
 def make_eval_batches(data_cfg, kind: str, tokenizer=None, *, batch_size: int,

@@ -18,8 +18,8 @@ mean beta * dl, `rewards/margin` = their difference, `rewards/accuracy` = mean(d
   - dpo_norm, ipo: the length-normalised dw, dl (as TRL's IPO and open-instruct's dpo_norm);
   - simpo, orpo (reference-free): TRL's CPO/ORPO definition, beta (ORPO: lambda, which TRL calls
     beta) times the *average* policy log-prob S_theta(y) / |y|, so accuracy = mean(lpw > lpl).
-Reward model (`rm_bt`): `rm/accuracy` = mean(r_w > r_l), `rm/margin` = mean(r_w - r_l),
-`rm/chosen`, `rm/rejected`.
+Reward model (`rm_bt`): `rm_accuracy` = mean(r_w > r_l), `rm_margin` = mean(r_w - r_l),
+`rm_chosen`, `rm_rejected` (mean r_w, r_l); held out they read `eval/rm_accuracy`, ...
 """
 import jax
 import jax.numpy as jnp
@@ -186,10 +186,10 @@ def rm_bt(logps, batch, cfg):
   loss = -logsig(r_w - r_l - margin) + cfg.center_coef * jnp.square(r_w + r_l)
   mean = lambda x: common.pair_mean(jax.lax.stop_gradient(x), batch)
   metrics = {
-      "rm/accuracy": mean((r_w > r_l).astype(jnp.float32)),
-      "rm/margin": mean(r_w - r_l),
-      "rm/chosen": mean(r_w),
-      "rm/rejected": mean(r_l),
+      "rm_accuracy": mean((r_w > r_l).astype(jnp.float32)),
+      "rm_margin": mean(r_w - r_l),
+      "rm_chosen": mean(r_w),
+      "rm_rejected": mean(r_l),
   }
   return common.pair_mean(loss, batch), metrics
 

@@ -167,13 +167,18 @@ def bco(logps, batch, cfg):
 # ------------------------------------------------------------------------- implicit process reward
 
 def implicit_prm(logps, batch, cfg):
-  """Implicit PRM, cross-entropy form: BCE(sigma(beta delta), label) per response."""
+  """Implicit PRM, cross-entropy form: BCE(sigma(beta delta), label) per response.
+
+  Metrics: the shared `rewards/*` (beta delta over desirable / undesirable rows) and
+  `prm_accuracy`, the fraction of responses whose implicit reward has the label's sign (named
+  like the reward model's `rm_accuracy`: held out, `eval/prm_accuracy`).
+  """
   z = cfg.beta * _log_ratio(logps, batch)
   label = batch["label"]
   loss_S = -(label * logsig(z) + (1.0 - label) * logsig(-z))
   metrics = _reward_metrics(z, batch)
   correct = ((sg(z) > 0) == (label > 0.5)).astype(jnp.float32)
-  metrics["prm/accuracy"] = common.example_mean(correct, batch)
+  metrics["prm_accuracy"] = common.example_mean(correct, batch)
   return common.example_mean(loss_S, batch), metrics
 
 

@@ -26,6 +26,7 @@ from jpost.train import forward
 from jpost.train import metrics as tmetrics
 from jpost.train import optim
 from jpost.train import plot
+from jpost.train import ref_cache
 from jpost.train import sharding
 from jpost.train import step as tstep
 
@@ -119,9 +120,11 @@ def _warm_start(cfg, workdir):
   for section in ("model", "mesh", "ops", "log"):
     sub[section] = cfg[section].to_dict()
   sub.data = cfg.data.to_dict()
-  sub.train.update(steps=cfg.warm_start.sft_steps, batch_size=cfg.train.batch_size,
+  sub.train.update(steps=cfg.warm_start.sft_steps,
+                   batch_size=cfg.warm_start.sft_batch_size or cfg.train.batch_size,
                    seed=cfg.train.seed, log_every=cfg.train.log_every)
   sub.optim.update(lr=cfg.warm_start.sft_lr, schedule="cosine",
+                   weight_decay=cfg.warm_start.sft_weight_decay,
                    warmup_steps=min(20, cfg.warm_start.sft_steps // 10))
   sub.eval.update(every_steps=cfg.warm_start.sft_steps, batch_size=cfg.eval.batch_size)
   sub.checkpoint.update(every_steps=cfg.warm_start.sft_steps, keep=1)
@@ -140,9 +143,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.model.init = _warm_start(cfg, workdir)
   objective = registry.get_objective(cfg.objective.name)
-  if cfg.ref.precompute:
-    raise NotImplementedError("ref.precompute=True is not implemented yet (planned, issue 5): the "
-                              "reference log-probs are computed in each step; unset it")
+  precompute_ref = ref_cache.enabled(cfg, objective)   # raises where it cannot be exact
   mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
   rules = sharding.default_rules()
   tokenizer = jdata.make_tokenizer(cfg.data)
@@ -194,6 +195,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     if cfg.eval.max_batches:
       eval_batches = eval_batches[:cfg.eval.max_batches]
     eval_batches = tbatches.with_eval_denominators(eval_batches, objective.denom_unit)
+    with_ref = lambda batch: batch
+    if precompute_ref:
+      # S_ref per example from a one-time pass (cached under the workdir); the step then reads
+      # `ref_seq_logp` and never runs the reference, so its params are released here.
+      with_ref, eval_batches = ref_cache.setup(cfg, model_cfg, workdir, ref_params,
+                                               train_iter.store, eval_batches, mesh)
+      ref_params = None
 
     # --- Resume ----------------------------------------------------------------------------------
     ckpt = train_ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
@@ -245,7 +253,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     last_eval = first_eval
     step = start
     for step in range(start + 1, steps + 1):
-      host_batch = tbatches.stack([next(train_iter) for _ in range(cfg.train.grad_accum)])
+      host_batch = tbatches.stack([with_ref(next(train_iter))
+                                   for _ in range(cfg.train.grad_accum)])
       window_tokens += int(np.count_nonzero(host_batch["segment_ids"])) * jax.process_count()
       state, metrics = train_step(state, ref_params, tbatches.to_device(host_batch, mesh))
       if pending is not None:

@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_KEYS = ("train/loss", "eval/loss", "eval/accuracy", "rewards/accuracy",
                 "eval/rewards/accuracy", "rewards/margin", "eval/rewards/margin",
-                "eval/rm/accuracy", "train/grad_norm", "perf/tokens_per_s")
+                "eval/rm_accuracy", "eval/rm_margin", "eval/prm_accuracy", "train/grad_norm",
+                "perf/tokens_per_s")
 
 
 def read_metrics(path):

@@ -174,3 +174,36 @@ def test_pipeline_transforms_pickle(make_cfg, write_jsonl):
   assert [order2[i] for i in range(18)] == [order[i] for i in range(18)]
   assert sorted(order[i] for i in range(6, 12)) == list(range(6))
   _same([collate2(np.arange(4))], [collate(np.arange(4))])
+
+
+@pytest.mark.parametrize("kind,pack,processes", [
+    ("sft", False, 1), ("pairwise", False, 2), ("pairwise", True, 1), ("pairwise", True, 2),
+    ("unpaired", False, 2)])
+def test_example_id_names_the_dataset_example_of_each_slot(make_cfg, write_jsonl, kind, pack,
+                                                           processes):
+  """`example_id` [S] indexes the encoded dataset (pairs: both slots), -1 on padding slots."""
+  n = 7
+  if kind == "pairwise":
+    rows = [{"prompt": f"q{i}=", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(n)]
+  elif kind == "unpaired":
+    rows = [{"prompt": f"q{i}=", "completion": f"a{i}", "label": i % 2 == 0} for i in range(n)]
+  else:
+    rows = [{"prompt": f"q{i}=", "completion": f"a{i}"} for i in range(n)]
+  cfg = make_cfg(train=write_jsonl(rows), max_len=12, pack=pack, num_epochs=1)
+  tok = make_tokenizer(cfg)
+  seen = []
+  for p in range(processes):
+    for b in make_train_iterator(cfg, kind, tok, batch_size=4, seed=3, process_index=p,
+                                 process_count=processes):
+      ids, valid = b["example_id"], b["example_valid"]
+      assert ids.dtype == np.int32 and ids.shape == valid.shape
+      np.testing.assert_array_equal(ids < 0, valid == 0)
+      for slot in np.flatnonzero(valid):
+        # The slot's tokens are the example's: prompt q{i}= holds the dataset row number.
+        row, col = np.argwhere(b["seq_index"] == slot)[0]
+        text = tok.decode(b["tokens"][row][b["seq_index"][row] == slot])
+        assert int(text[1:text.index("=")]) == ids[slot]
+      if kind == "pairwise":   # both slots of a pair name the pair
+        np.testing.assert_array_equal(ids[0::2], ids[1::2])
+      seen += [int(i) for i in ids[valid > 0][::2 if kind == "pairwise" else 1]]
+  assert sorted(seen) == list(range(n))

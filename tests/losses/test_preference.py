@@ -263,9 +263,9 @@ def np_rm(rewards, valid_pairs, margin, c):
     losses.append(-np_logsig(rw - rl - margin[p]) + c * (rw + rl) ** 2)
     acc.append(rw > rl)
     marg.append(rw - rl)
-  return np.mean(losses), {"rm/accuracy": np.mean(acc), "rm/margin": np.mean(marg),
-                           "rm/chosen": np.mean([rewards[2 * p] for p in valid_pairs]),
-                           "rm/rejected": np.mean([rewards[2 * p + 1] for p in valid_pairs])}
+  return np.mean(losses), {"rm_accuracy": np.mean(acc), "rm_margin": np.mean(marg),
+                           "rm_chosen": np.mean([rewards[2 * p] for p in valid_pairs]),
+                           "rm_rejected": np.mean([rewards[2 * p + 1] for p in valid_pairs])}
 
 
 @pytest.mark.parametrize("with_margin", (False, True))

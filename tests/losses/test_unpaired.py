@@ -113,7 +113,7 @@ def np_prm(ex, labels, cfg):
     losses.append(-(y * np.log(p) + (1 - y) * np.log(1 - p)))
     correct.append((z > 0) == (y > 0.5))
   metrics = _reward_metrics(ex, labels, lambda e: cfg.beta * _delta(e))
-  metrics["prm/accuracy"] = np.mean(correct)
+  metrics["prm_accuracy"] = np.mean(correct)
   return np.mean(losses), metrics
 
 
