@@ -36,7 +36,6 @@ from jpost.train import forward
 from jpost.train import loop as offline
 from jpost.train import metrics as tmetrics
 from jpost.train import optim
-from jpost.train import plot
 from jpost.train import sharding
 from jpost.train import step as tstep
 
@@ -633,14 +632,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     meta = {"objective": cfg.objective.name, "model": repr(dataclasses.asdict(model_cfg)),
             "batch_size": cfg.train.batch_size, "group_size": cfg.rl.group_size,
             "updates_per_iteration": updates_per_iteration, "seed": cfg.train.seed}
-    start = 0
-    if (latest := ckpt.latest_step()) is not None:
-      abstract_sharded = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-      state, data_state, _ = ckpt.restore(latest, abstract_sharded, meta)
-      train_iter.set_state(data_state)
-      start = latest
-      print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+    state, start = offline.resume(ckpt, state, abstract, state_shardings, meta, train_iter)
 
     # --- Iterations ----------------------------------------------------------------------------
     writer = tmetrics.MetricsWriter(workdir, is_main=is_main, tensorboard=cfg.log.tensorboard)
@@ -707,14 +699,5 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       last_eval = run_eval(it)
     if ckpt.latest_step() != it:
       ckpt.save(it, state, train_iter.get_state(), meta, force=True)
-    ckpt.close()
-    writer.close()
-    if cfg.export.hf_dir and is_main:
-      models.save_hf(model_cfg, jax.device_get(state.params["lm"]), cfg.export.hf_dir)
-    plot_path = plot.plot_metrics(writer.path) if is_main and os.path.exists(writer.path) else None
-    if _summary and is_main:
-      print(f"metrics:     {writer.path}\nplot:        {plot_path}\ncheckpoints: {ckpt.directory}",
-            flush=True)
-    return {"workdir": workdir, "metrics": writer.path, "plot": plot_path,
-            "checkpoints": ckpt.directory, "first_eval": first_eval, "last_eval": last_eval,
-            "steps": it}
+    summary = offline.finish(cfg, workdir, model_cfg, state, ckpt, writer, verbose=_summary)
+    return dict(summary, first_eval=first_eval, last_eval=last_eval, steps=it)

@@ -19,6 +19,7 @@ def to_device(batch, mesh, batch_axis=None):
   first dim is the accumulation axis) and must be given for unstacked ones.
   """
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = global_seq_index(batch, jax.process_index(), jax.process_count())
   out = {}
   for name, x in batch.items():
     x = np.asarray(x)
@@ -35,6 +36,20 @@ def to_device(batch, mesh, batch_axis=None):
       global_shape[axis] *= jax.process_count()
     out[name] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
   return out
+
+
+def global_seq_index(batch, process_index: int, process_count: int):
+  """Renumbers `*seq_index` from per-process slots [0, S_local) to global ones.
+
+  The data pipeline numbers each process's examples from 0; in the assembled global array
+  process p's examples are slots [p * S_local, (p + 1) * S_local), so without the offset sums
+  over examples (sequence sums, last-token heads, greedy accuracy) would mix processes.
+  """
+  if process_count == 1 or "example_valid" not in batch:
+    return batch
+  offset = process_index * np.shape(batch["example_valid"])[-1]
+  return {k: np.where(np.asarray(v) >= 0, np.asarray(v) + offset, v) if k.endswith("seq_index")
+          else v for k, v in batch.items()}
 
 
 def with_eval_denominators(eval_batches, denom_unit: str):

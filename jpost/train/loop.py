@@ -7,10 +7,8 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -143,6 +141,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.model.init = _warm_start(cfg, workdir)
   objective = registry.get_objective(cfg.objective.name)
+  if objective.data_kind == "rl":
+    raise ValueError(f"objective {cfg.objective.name!r} is online RL: run it with "
+                     "jpost.rl.loop.run (scripts/train.py picks the loop by objective)")
   precompute_ref = ref_cache.enabled(cfg, objective)   # raises where it cannot be exact
   mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
   rules = sharding.default_rules()
@@ -209,14 +210,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     meta = {"objective": cfg.objective.name, "model": dataclasses.asdict(model_cfg).__repr__(),
             "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
             "seed": cfg.train.seed}
-    start = 0
-    if (latest := ckpt.latest_step()) is not None:
-      abstract_sharded = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-      state, data_state, _ = ckpt.restore(latest, abstract_sharded, meta)
-      train_iter.set_state(data_state)
-      start = latest
-      print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+    state, start = resume(ckpt, state, abstract, state_shardings, meta, train_iter)
 
     # --- Steps -----------------------------------------------------------------------------------
     writer = tmetrics.MetricsWriter(workdir, is_main=is_main, tensorboard=cfg.log.tensorboard)
@@ -284,18 +278,36 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       last_eval = evaluate(step)
     if ckpt.latest_step() != step:
       save(step, force=True)
-    ckpt.close()
-    writer.close()
-    if cfg.export.hf_dir and is_main:
-      models.save_hf(model_cfg, jax.device_get(state.params["lm"]), cfg.export.hf_dir)
-    plot_path = plot.plot_metrics(writer.path) if is_main and os.path.exists(writer.path) else None
-    summary = {"workdir": workdir, "metrics": writer.path, "plot": plot_path,
-               "checkpoints": ckpt.directory, "first_eval": first_eval, "last_eval": last_eval,
-               "steps": step}
-    if _summary and is_main:
-      print(f"metrics:     {writer.path}\nplot:        {plot_path}\ncheckpoints: {ckpt.directory}"
-            + (f"\nHF export:   {cfg.export.hf_dir}" if cfg.export.hf_dir else ""), flush=True)
-    return summary
+    summary = finish(cfg, workdir, model_cfg, state, ckpt, writer, verbose=_summary)
+    return dict(summary, first_eval=first_eval, last_eval=last_eval, steps=step)
+
+
+def resume(ckpt, state, abstract, state_shardings, meta, train_iter):
+  """Restores the latest checkpoint, if any, into the state's shardings -> (state, start step)."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return state, 0
+  abstract_sharded = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+  state, data_state, _ = ckpt.restore(latest, abstract_sharded, meta)
+  train_iter.set_state(data_state)
+  print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+  return state, latest
+
+
+def finish(cfg, workdir, model_cfg, state, ckpt, writer, *, verbose=True) -> dict:
+  """Closes checkpoints and metrics, exports HF weights and plots (process 0) -> summary."""
+  is_main = jax.process_index() == 0
+  ckpt.close()
+  writer.close()
+  if cfg.export.hf_dir and is_main:
+    models.save_hf(model_cfg, jax.device_get(state.params["lm"]), cfg.export.hf_dir)
+  plot_path = plot.plot_metrics(writer.path) if is_main and os.path.exists(writer.path) else None
+  if verbose and is_main:
+    print(f"metrics:     {writer.path}\nplot:        {plot_path}\ncheckpoints: {ckpt.directory}"
+          + (f"\nHF export:   {cfg.export.hf_dir}" if cfg.export.hf_dir else ""), flush=True)
+  return {"workdir": workdir, "metrics": writer.path, "plot": plot_path,
+          "checkpoints": ckpt.directory}
 
 
 def _test_fault_injection(step, ckpt):

@@ -145,17 +145,6 @@ def train_cache_key(cfg, model_cfg, ref_id: str, store) -> str:
 
 # ----------------------------------------------------------------------------------- computation
 
-def _global_seq_index(batch):
-  """Process-local slot numbers -> global ones, for a batch assembled across processes.
-
-  Each process builds its rows with slots [0, S_local); in the global [S] array its slots start
-  at process_index * S_local.
-  """
-  offset = jax.process_index() * batch["example_valid"].shape[0]
-  seq = batch["seq_index"]
-  return dict(batch, seq_index=np.where(seq >= 0, seq + offset, -1).astype(np.int32))
-
-
 def make_scorer(model_cfg, impl, mesh):
   """`score(ref_params, host_batch) -> [S_global] np.float32`: S_ref of every slot of the global
   batch that the processes' local batches (unstacked, unpacked or packed) form together, computed
@@ -172,7 +161,8 @@ def make_scorer(model_cfg, impl, mesh):
                                             replicated)
 
   def score(ref_params, batch):
-    local = _global_seq_index({k: batch[k] for k in batching.TOKEN_KEYS + ("example_valid",)})
+    # to_device renumbers seq_index to the global slots (train.batches.global_seq_index).
+    local = {k: batch[k] for k in batching.TOKEN_KEYS + ("example_valid",)}
     out = sums(ref_params, tbatches.to_device(local, mesh, batch_axis=0))
     return np.asarray(jax.device_get(out), np.float32)
 

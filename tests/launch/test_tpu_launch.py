@@ -194,7 +194,7 @@ def test_worker_scripts_launch_status_stop(tmp_path, stub_repo):
 
   assert status() == "none"
   wd = str(tmp_path / "wd")
-  start = remote.launch_script([f"--config=stub:steps=100000,dt=0.01", f"--workdir={wd}"],
+  start = remote.launch_script(["--config=stub:steps=100000,dt=0.01", f"--workdir={wd}"],
                                {"EXTRA": "x y"})
   assert sh(start).returncode == 0
   _wait(lambda: status() == "running" and os.path.exists(f"{wd}/ckpt-home"))

@@ -7,7 +7,6 @@ materialise logits) is shown above B*T*V*4 bytes, proving the measurement sees t
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jpost import models

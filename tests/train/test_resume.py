@@ -79,7 +79,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, case):
   assert max(_losses(killed)) == case["kill_at"]
   r = _train(killed, flags)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"resumed from" in r.stdout
+  assert "resumed from" in r.stdout
   _assert_same_run(straight, killed)
 
 

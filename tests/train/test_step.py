@@ -4,7 +4,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -104,6 +103,7 @@ def test_nonfinite_batch_is_skipped_and_counted():
   assert any(changed)
 
 
+@pytest.mark.slow   # op-by-op execution of a whole train step takes ~40 s on 2 cores
 def test_jit_equals_no_jit():
   model_cfg, lm, objective, batch, _, _ = _setup("nll", "sft")
   fn, optimizer = _step_fn(model_cfg, objective, sgd=True)
@@ -115,3 +115,14 @@ def test_jit_equals_no_jit():
   np.testing.assert_allclose(ma["train/loss"], mb["train/loss"], rtol=1e-5)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                a.params, b.params)
+
+
+def test_seq_index_is_renumbered_globally_for_multi_process_batches():
+  from jpost.train import batches
+  b = {"seq_index": np.array([[0, 0, 1, -1], [2, 2, -1, -1]]), "example_valid": np.ones(3),
+       "mismatch_seq_index": np.array([[1, -1]]), "tokens": np.array([[5, 6, 7, 0]])}
+  assert batches.global_seq_index(b, 0, 1) is b
+  out = batches.global_seq_index(b, 2, 4)            # process 2 of 4, 3 slots each -> offset 6
+  np.testing.assert_array_equal(out["seq_index"], [[6, 6, 7, -1], [8, 8, -1, -1]])
+  np.testing.assert_array_equal(out["mismatch_seq_index"], [[7, -1]])
+  np.testing.assert_array_equal(out["tokens"], b["tokens"])
