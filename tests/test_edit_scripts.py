@@ -1,5 +1,4 @@
 """scripts/merge.py and scripts/select_data.py end to end (in process: no JAX start-up per run)."""
-import importlib.util
 import json
 import os
 
@@ -10,19 +9,13 @@ import pytest
 from jpost import models
 from jpost.checkpoints import train_ckpt
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_script(name):
-  spec = importlib.util.spec_from_file_location(f"{name}_script",
-                                                os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-merge = _load_script("merge")
-select_data = _load_script("select_data")
+merge = helpers.load_script("merge")
+select_data = helpers.load_script("select_data")
 
 
 def _random_params(cfg, seed):

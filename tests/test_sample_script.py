@@ -1,5 +1,4 @@
 """scripts/sample.py end to end (subprocesses on a tiny random checkpoint) and its input errors."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,14 @@ from jpost.checkpoints import train_ckpt
 from jpost.data.encode import Encoder
 from jpost.data.tokenizer import ByteTokenizer
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASCII = range(ByteTokenizer.OFFSET + 32, ByteTokenizer.OFFSET + 127)   # printable byte ids
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("sample_script",
-                                                os.path.join(ROOT, "scripts", "sample.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("sample")
 
 
 sample = _load_script()

@@ -11,6 +11,8 @@ import pytest
 
 from jpost import models
 
+import helpers
+
 TINY = models.get_model_config("tiny", dtype="float32")
 # A Gemma-2-shaped toy: soft-caps (explicit attention path), alternating windows, extra norms.
 TINY_GEMMA = dataclasses.replace(
@@ -20,14 +22,7 @@ TINY_GEMMA = dataclasses.replace(
 
 
 def _params(cfg, seed=0):
-  """Random params drawn on the host from the abstract shapes: no init compile per config, and
-  norm scales away from their identity init."""
-  rng = np.random.default_rng(seed)
-  def draw(path, shape):
-    if path[-1].key == "scale":
-      return (1.0 + 0.1 * rng.normal(size=shape.shape)).astype(np.float32)
-    return (0.2 * rng.normal(size=shape.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(draw, models.param_shapes(cfg))
+  return helpers.random_params(cfg, seed)
 
 
 def _packed_batch(rng, len_a=5, len_b=7, t=16):

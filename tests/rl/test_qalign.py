@@ -1,6 +1,5 @@
 """QAlign: the acceptance rule, the chain's stationary distribution on a toy model, the vote, and
 scripts/sample.py --qalign end to end on a tiny random checkpoint."""
-import importlib.util
 import json
 import os
 
@@ -15,6 +14,8 @@ from jpost.checkpoints import train_ckpt
 from jpost.data.tokenizer import ByteTokenizer
 from jpost.rl import qalign
 from jpost.rl import rewards
+
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -120,11 +121,7 @@ def test_majority_vote():
 # --------------------------------------------------------------------------- sample.py --qalign
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("sample_script_qalign",
-                                                os.path.join(ROOT, "scripts", "sample.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("sample")
 
 
 @pytest.fixture(scope="module")

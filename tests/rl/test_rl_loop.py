@@ -1,7 +1,5 @@
 """The online loop's host-side pieces: rollout rows, HPT / LUFFY / Prefix-RFT assembly, resume."""
 import json
-import os
-import subprocess
 import sys
 
 import jax
@@ -16,8 +14,7 @@ from jpost.rl import rollout
 from jpost.train import config as tconfig
 from jpost.train import sharding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import helpers
 
 def _response(prompt, ids, logp=None, **kw):
   return rollout.Response(prompt_ids=np.asarray(prompt, np.int32), ids=np.asarray(ids, np.int32),
@@ -181,24 +178,8 @@ def test_missing_demonstration_names_the_row(tiny_lm):
 
 # ----------------------------------------------------------------------------------- resume
 
-def _run(workdir, flags, fault=None, recipe="configs/grpo.py"):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  env.pop("JPOST_TEST_FAULT", None)
-  if fault:
-    env["JPOST_TEST_FAULT"] = fault
-  cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"), f"--config={recipe}",
-         f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
 def _iterations(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/loss" in row:
-        out[row["step"]] = (row["train/loss"], row["rollout/reward_mean"], row["pg/ratio_mean"])
-  return out
+  return helpers.metrics_by_step(workdir, "train/loss", "rollout/reward_mean", "pg/ratio_mean")
 
 
 def test_killed_rl_run_resumes_exactly(tmp_path):
@@ -208,12 +189,12 @@ def test_killed_rl_run_resumes_exactly(tmp_path):
            "rl.mini_batches": 2, "warm_start.sft_steps": 0, "checkpoint.every_steps": 2,
            "data.eval": "", "log.tensorboard": False, "train.log_every": 1, "optim.lr": 1e-2}
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  r = _run(straight, flags)
+  r = helpers.train(straight, flags, recipe="configs/grpo.py")
   assert r.returncode == 0, r.stderr[-3000:]
-  r = _run(killed, flags, fault="kill_after_save:2")
+  r = helpers.train(killed, flags, recipe="configs/grpo.py", fault="kill_after_save:2")
   assert r.returncode == -9, (r.returncode, r.stderr[-3000:])
   assert max(_iterations(killed)) == 2
-  r = _run(killed, flags)
+  r = helpers.train(killed, flags, recipe="configs/grpo.py")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from" in r.stdout
   a, b = _iterations(straight), _iterations(killed)

@@ -16,6 +16,8 @@ from jpost.rl import sampler
 from jpost.rl.sampler import SamplingConfig
 from jpost.train import sharding
 
+import helpers
+
 TINY = models.get_model_config("tiny", dtype="float32")
 # Everything the decode path must reproduce at once: alternating sliding windows (3 tokens, so
 # they bite), attention and final soft-caps, qk-norm, MQA, Gemma's norms and embedding scale.
@@ -35,12 +37,7 @@ SAMPLING = SamplingConfig(max_new_tokens=N, temperature=0.7, top_p=0.9, top_k=5)
 
 
 def _params(cfg, seed=0):
-  rng = np.random.default_rng(seed)
-  def draw(path, shape):
-    if path[-1].key == "scale":
-      return (1.0 + 0.1 * rng.normal(size=shape.shape)).astype(np.float32)
-    return (0.2 * rng.normal(size=shape.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(draw, models.param_shapes(cfg))
+  return helpers.random_params(cfg, seed)
 
 
 def _prompts(lengths, width=None, seed=1):

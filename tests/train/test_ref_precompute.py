@@ -17,6 +17,8 @@ from jpost.losses import registry
 from jpost.train import loop, ref_cache
 from jpost.train import step as tstep
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -52,13 +54,7 @@ def _config(recipe, data_path, **overrides):
 
 
 def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/loss" in row:
-        out[row["step"]] = row["train/loss"]   # a resumed step: the last row counts
-  return out
+  return helpers.metrics_by_step(workdir)
 
 
 def _without_reference(make_train_step):

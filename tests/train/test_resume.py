@@ -14,6 +14,8 @@ import pytest
 
 from jpost.checkpoints import train_ckpt
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -25,24 +27,11 @@ def _write_jsonl(path, n):
 
 
 def _train(workdir, flags, fault=None, recipe="configs/sft.py"):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  env.pop("JPOST_TEST_FAULT", None)
-  if fault:
-    env["JPOST_TEST_FAULT"] = fault
-  cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"), f"--config={recipe}",
-         f"--workdir={workdir}"] + flags
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return helpers.train(workdir, flags, recipe=recipe, fault=fault)
 
 
 def _losses(workdir):
-  """Per-step train loss; a resumed run re-logs nothing twice, but keep the last row per step."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/loss" in row:
-        out[row["step"]] = row["train/loss"]
-  return out
+  return helpers.metrics_by_step(workdir)
 
 
 def _flags(data_path, **overrides):
