@@ -21,6 +21,7 @@ character, here the step the delimiter ends, so that step also gets "The"'s rewa
 specials) join the previous token's step.
 """
 import dataclasses
+import functools
 import json
 import os
 
@@ -159,6 +160,13 @@ def _batches(seqs, batch_size):
 
 # ------------------------------------------------------------------------------------- forward
 
+@functools.lru_cache(maxsize=16)
+def _forward_fn(spec: forward.ForwardSpec, output: str):
+  """One jitted forward per (spec, output), so repeated calls (a QAlign chain, many files) reuse
+  the compiled executable instead of tracing a new lambda each time."""
+  return jax.jit(lambda p, b: forward.compute_logps(spec, p, None, b)[output])
+
+
 def reward_scores(model: Model, seqs, batch_size: int = 16) -> np.ndarray:
   """Reward-head score of each sequence -> [N] float32 (the training forward's reward branch)."""
   if "reward_head" not in model.params:
@@ -166,8 +174,7 @@ def reward_scores(model: Model, seqs, batch_size: int = 16) -> np.ndarray:
     raise ValueError(f"{model.source}: its params have no 'reward_head' (objective {trained!r}); "
                      "a reward model is trained with configs/rm.py. For an implicit PRM pass "
                      "--ref as well")
-  spec = forward.ForwardSpec(model_cfg=model.cfg, head="reward")
-  fn = jax.jit(lambda p, b: forward.compute_logps(spec, p, None, b)["reward"])
+  fn = _forward_fn(forward.ForwardSpec(model_cfg=model.cfg, head="reward"), "reward")
   out = [np.asarray(fn(model.params, b))[:n] for b, n in _batches(seqs, batch_size)]
   return np.concatenate(out).astype(np.float32)
 
@@ -175,8 +182,7 @@ def reward_scores(model: Model, seqs, batch_size: int = 16) -> np.ndarray:
 def token_logprobs(model: Model, seqs, batch_size: int = 16, impl: str = "auto") -> list:
   """log p(ids[j] | ids[:j]) of each sequence's trained tokens -> per sequence an [n] float32
   array aligned with `ids` (0 where mask is 0, so at j = 0 too)."""
-  spec = forward.ForwardSpec(model_cfg=model.cfg, impl=impl)
-  fn = jax.jit(lambda p, b: forward.compute_logps(spec, {"lm": p["lm"]}, None, b)["policy"])
+  fn = _forward_fn(forward.ForwardSpec(model_cfg=model.cfg, impl=impl), "policy")
   out = []
   for b, n in _batches(seqs, batch_size):
     lp_BT = np.asarray(fn(model.params, b))
