@@ -1,28 +1,83 @@
-"""Helpers shared by tests that run the scripts: one-device subprocess runs, metrics by step,
-loading a script as a module. (tests/ is on sys.path through tests/conftest.py.)"""
+"""Helpers shared by tests that run the scripts: one-device and multi-process subprocess runs,
+metrics by step, loading a script as a module. (tests/ is on sys.path through tests/conftest.py.)"""
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(workdir, flags, *, recipe="configs/sft.py", fault=None, timeout=600):
-  """`scripts/train.py` on one CPU device; `flags` a list of args or a {config key: value} dict.
-
-  `fault` sets JPOST_TEST_FAULT (e.g. 'kill_after_save:4', see jpost/train/loop.py).
-  """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  env.pop("JPOST_TEST_FAULT", None)
+def _train_cmd_env(workdir, flags, recipe, devices, fault):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  for key in ("JPOST_TEST_FAULT", "JPOST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
+              "JPOST_NUM_PROCESSES", "JPOST_PROCESS_ID"):
+    env.pop(key, None)
   if fault:
     env["JPOST_TEST_FAULT"] = fault
   if isinstance(flags, dict):
     flags = [f"--config.{k}={v}" for k, v in flags.items()]
   cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"), f"--config={recipe}",
          f"--workdir={workdir}"] + list(flags)
+  return cmd, env
+
+
+def train(workdir, flags, *, recipe="configs/sft.py", fault=None, timeout=600, devices=1):
+  """`scripts/train.py` in one process on `devices` fake CPU devices; `flags` a list of args or
+  a {config key: value} dict.
+
+  `fault` sets JPOST_TEST_FAULT (e.g. 'kill_after_save:4', see jpost/train/loop.py).
+  """
+  cmd, env = _train_cmd_env(workdir, flags, recipe, devices, fault)
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(workdir, flags, *, recipe="configs/sft.py", num_processes=2,
+                    devices_per_process=4, fault=None, extra_env=None):
+  """Starts `scripts/train.py` as one multi-process JAX job on this machine (jax.distributed on
+  127.0.0.1, gloo CPU collectives) and returns the Popen objects, process id order.
+
+  `fault` is a string for every process or a {process_id: fault} dict.
+  """
+  address = f"127.0.0.1:{free_port()}"
+  procs = []
+  for pid in range(num_processes):
+    f = fault.get(pid) if isinstance(fault, dict) else fault
+    cmd, env = _train_cmd_env(workdir, flags, recipe, devices_per_process, f)
+    env.update(JPOST_COORDINATOR_ADDRESS=address, JPOST_NUM_PROCESSES=str(num_processes),
+               JPOST_PROCESS_ID=str(pid), **(extra_env or {}))
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def wait_processes(procs, timeout=600):
+  """[(returncode, stdout, stderr)] of `start_processes`' jobs; kills them all on a timeout."""
+  out = []
+  try:
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=timeout)
+      out.append((p.returncode, stdout, stderr))
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    raise
+  return out
+
+
+def train_processes(workdir, flags, **kw):
+  """`start_processes` + `wait_processes`: a finished multi-process run."""
+  timeout = kw.pop("timeout", 600)
+  return wait_processes(start_processes(workdir, flags, **kw), timeout=timeout)
 
 
 def metrics_by_step(workdir, *keys, require="train/loss"):
