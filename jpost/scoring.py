@@ -22,8 +22,6 @@ specials) join the previous token's step.
 """
 import dataclasses
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +29,7 @@ import numpy as np
 
 from jpost import data as jdata
 from jpost import models
-from jpost.checkpoints import train_ckpt
+from jpost.models import resolve
 from jpost.data import batching, schema, sources
 from jpost.data.schema import DataError, RowError
 from jpost.train import forward
@@ -49,36 +47,18 @@ class Model:
   cfg: models.ModelConfig
   params: dict              # {'lm': ..., optional 'reward_head': ...}
   run_config: dict | None   # the training run's config.json (jpost workdirs), else None
-  source: str
-
-
-def _workdir_of(path):
-  """A workdir or its checkpoints/ directory -> the workdir (the latest checkpoint is used)."""
-  path = os.path.normpath(path)
-  for candidate in (path, os.path.dirname(path)):
-    if os.path.exists(os.path.join(candidate, "model_config.json")):
-      return candidate
-  raise FileNotFoundError(f"{path}: not a jpost workdir (no model_config.json here or above; "
-                          "for a Hugging Face directory write hf:DIR)")
+  source: str               # the path as given
+  kind: str = "jpost"       # 'jpost' | 'hf' (jpost.models.resolve)
 
 
 def load_model(spec: str, dtype: str | None = None) -> Model:
-  """`hf:DIR` (a Hugging Face directory) or a jpost workdir (`ckpt:` prefix optional)."""
-  if spec.startswith("hf:"):
-    cfg, lm = models.load_hf(os.path.expanduser(spec[3:]), dtype=dtype or "float32")
-    return Model(cfg, {"lm": lm}, None, spec)
-  path = os.path.expanduser(spec[5:] if spec.startswith("ckpt:") else spec)
-  workdir = _workdir_of(path)
-  cfg = models.read_model_config_json(os.path.join(workdir, "model_config.json"))
-  params = train_ckpt.load_params(path)
-  if dtype:
-    cfg = dataclasses.replace(cfg, dtype=dtype)
-  run_config = None
-  if os.path.exists(os.path.join(workdir, "config.json")):
-    with open(os.path.join(workdir, "config.json")) as f:
-      run_config = json.load(f)
+  """A model path as `jpost.models.resolve` reads it: `hf:DIR`, a jpost workdir (`ckpt:` prefix
+  optional) or an HF directory."""
+  source = resolve.resolve(spec)
+  cfg, params = resolve.load(source, dtype)
+  run_config = source.run_config() if source.kind == "jpost" else None
   params = jax.tree.map(jnp.asarray, dict(params))
-  return Model(cfg, params, run_config, spec)
+  return Model(cfg, params, run_config or None, spec, source.kind)
 
 
 def data_config(loaded: list, tokenizer: str | None = None, max_len: int | None = None):
@@ -93,9 +73,10 @@ def data_config(loaded: list, tokenizer: str | None = None, max_len: int | None 
       if key in saved:
         cfg[key] = saved[key]
   else:
-    hf = next((m for m in loaded if m.source.startswith("hf:")), None)
+    hf = next((m for m in loaded if m.kind == "hf"), None)
     if hf is not None:
-      cfg.tokenizer = hf.source   # a Hugging Face model directory normally has its tokenizer
+      # A Hugging Face model directory normally has its tokenizer.
+      cfg.tokenizer = hf.source if hf.source.startswith("hf:") else f"hf:{hf.source}"
   if tokenizer:
     cfg.tokenizer = tokenizer
   if max_len:
