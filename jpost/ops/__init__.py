@@ -2,8 +2,9 @@
 
 See docs/architecture.md ("The hot path") for the contract and docs/benchmarks.md for numbers.
 """
-from jpost.ops import lm_head
+from jpost.ops import lm_head, sharded
 from jpost.ops.logprobs import AUTO_IMPL, IMPLS, token_kl, token_logprobs
 from jpost.ops.spec import BlockSizes
 
-__all__ = ["AUTO_IMPL", "IMPLS", "BlockSizes", "lm_head", "token_kl", "token_logprobs"]
+__all__ = ["AUTO_IMPL", "IMPLS", "BlockSizes", "lm_head", "sharded", "token_kl",
+           "token_logprobs"]

@@ -3,10 +3,14 @@
 Flattens to the [N, D] primitive of jpost.ops.logprobs, masks with `loss_mask`, and reshapes back;
 the unembedding `w_DV` comes from the model (`models.unembedding`), so [B, T, V] logits never
 exist. Outputs are float32 and exactly 0 where `loss_mask == 0`.
+
+Under a mesh (`jax.set_mesh`, as `train.sharding.axis_rules(rules, mesh)` sets it) the op runs
+in `shard_map` (jpost/ops/sharded.py): tokens split like the 'batch' rule, the vocabulary like
+'vocab'. Without a mesh, or on one device, it is the unsharded op, unchanged.
 """
 import jax.numpy as jnp
 
-from jpost.ops import logprobs
+from jpost.ops import logprobs, sharded
 
 
 def _flat(h_BTD, targets_BT, loss_mask_BT):
@@ -21,9 +25,13 @@ def sequence_logprobs(h_BTD, w_DV, targets_BT, loss_mask_BT, *, softcap=None, te
                       with_entropy=False, impl="auto", block_sizes=None):
   """-> (logp [B, T], entropy [B, T] or None), float32, 0 where masked."""
   h_ND, labels_N = _flat(h_BTD, targets_BT, loss_mask_BT)
-  logp_N, ent_N = logprobs.token_logprobs(
-      h_ND, w_DV, labels_N, temperature=temperature, softcap=softcap,
-      with_entropy=with_entropy, impl=impl, block_sizes=block_sizes)
+  kw = dict(temperature=temperature, softcap=softcap, with_entropy=with_entropy, impl=impl,
+            block_sizes=block_sizes)
+  layout = sharded.context_layout(*h_ND.shape, w_DV.shape[1], impl)
+  if layout is None:
+    logp_N, ent_N = logprobs.token_logprobs(h_ND, w_DV, labels_N, **kw)
+  else:
+    logp_N, ent_N = sharded.token_logprobs(h_ND, w_DV, labels_N, layout, **kw)
   shape = targets_BT.shape
   return logp_N.reshape(shape), (None if ent_N is None else ent_N.reshape(shape))
 
@@ -33,6 +41,10 @@ def sequence_kl(h_BTD, w_DV, h_ref_BTD, w_ref_DV, targets_BT, loss_mask_BT, *, s
   """-> full-vocabulary KL(p_ref || p_theta) [B, T], float32, 0 where masked; grads to h, w only."""
   h_ND, labels_N = _flat(h_BTD, targets_BT, loss_mask_BT)
   h_ref_ND = h_ref_BTD.reshape(h_ND.shape)
-  kl_N = logprobs.token_kl(h_ND, w_DV, h_ref_ND, w_ref_DV, labels_N, temperature=temperature,
-                           softcap=softcap, impl=impl, block_sizes=block_sizes)
+  kw = dict(temperature=temperature, softcap=softcap, impl=impl, block_sizes=block_sizes)
+  layout = sharded.context_layout(*h_ND.shape, w_DV.shape[1], impl)
+  if layout is None:
+    kl_N = logprobs.token_kl(h_ND, w_DV, h_ref_ND, w_ref_DV, labels_N, **kw)
+  else:
+    kl_N = sharded.token_kl(h_ND, w_DV, h_ref_ND, w_ref_DV, labels_N, layout, **kw)
   return kl_N.reshape(targets_BT.shape)
