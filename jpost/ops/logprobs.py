@@ -34,13 +34,13 @@ _logged: set = set()
 _probed: dict = {}
 
 
-def _log_once(level, key, msg, *args):
+def log_once(level, key, msg, *args):
   if key not in _logged:
     _logged.add(key)
     log.log(level, msg, *args)
 
 
-def _module(name):
+def impl_module(name):
   if name == "blockwise":
     return blockwise
   return importlib.import_module(f"jpost.ops.{name}")
@@ -54,7 +54,7 @@ def _lp(h, w, labels, impl, spec):
 
 
 def _lp_fwd(h, w, labels, impl, spec):
-  lse, zy, ent = _module(impl).lp_fwd(h, w, labels, spec)
+  lse, zy, ent = impl_module(impl).lp_fwd(h, w, labels, spec)
   valid = labels >= 0
   outs = (jnp.where(valid, zy - lse, 0.0),)
   if spec.with_entropy:
@@ -68,7 +68,7 @@ def _lp_bwd(impl, spec, res, cts):
   valid = labels >= 0
   g_lp = jnp.where(valid, cts[0], 0.0)
   g_ent = jnp.where(valid, cts[1], 0.0) if spec.with_entropy else None
-  dh, dw = _module(impl).lp_bwd(h, w, labels, lse, ent, g_lp, g_ent, spec)
+  dh, dw = impl_module(impl).lp_bwd(h, w, labels, lse, ent, g_lp, g_ent, spec)
   return dh, dw, None
 
 
@@ -81,14 +81,14 @@ def _kl(h, w, h_ref, w_ref, labels, impl, spec):
 
 
 def _kl_fwd(h, w, h_ref, w_ref, labels, impl, spec):
-  kl, lse, lse_ref = _module(impl).kl_fwd(h, w, h_ref, w_ref, labels, spec)
+  kl, lse, lse_ref = impl_module(impl).kl_fwd(h, w, h_ref, w_ref, labels, spec)
   return jnp.where(labels >= 0, kl, 0.0), (h, w, h_ref, w_ref, labels, lse, lse_ref)
 
 
 def _kl_bwd(impl, spec, res, g):
   h, w, h_ref, w_ref, labels, lse, lse_ref = res
   g = jnp.where(labels >= 0, g, 0.0)
-  dh, dw = _module(impl).kl_bwd(h, w, h_ref, w_ref, labels, lse, lse_ref, g, spec)
+  dh, dw = impl_module(impl).kl_bwd(h, w, h_ref, w_ref, labels, lse, lse_ref, g, spec)
   # The reference model is a constant of the objective: None = zero cotangent, nothing allocated.
   del h_ref, w_ref
   return dh, dw, None, None, None
@@ -154,11 +154,11 @@ def _probe(kind, impl, spec, shapes):
   return _probed[key]
 
 
-def _resolve(impl, spec, kind, h, w):
+def resolve_impl(impl, spec, kind, h, w):
   backend = jax.default_backend()
   if impl == "auto":
     impl = AUTO_IMPL.get(backend, "blockwise")
-    _log_once(logging.INFO, ("auto", backend), "jpost.ops: impl='auto' on backend %r -> %r",
+    log_once(logging.INFO, ("auto", backend), "jpost.ops: impl='auto' on backend %r -> %r",
               backend, impl)
   if impl not in IMPLS:
     raise ValueError(f"unknown impl {impl!r}; expected 'auto' or one of {IMPLS}")
@@ -168,7 +168,7 @@ def _resolve(impl, spec, kind, h, w):
   if interpret is None:
     interpret = backend != _KERNEL_PLATFORM[impl]
     if interpret:
-      _log_once(logging.WARNING, ("interpret", impl, backend),
+      log_once(logging.WARNING, ("interpret", impl, backend),
                 "jpost.ops: %s on backend %r runs in Pallas interpret mode (slow; for tests)",
                 impl, backend)
   spec = OpSpec(spec.temperature, spec.softcap, spec.with_entropy, spec.blocks, interpret)
@@ -176,14 +176,14 @@ def _resolve(impl, spec, kind, h, w):
     return impl, spec
   error = _probe(kind, impl, spec, (tuple(h.shape), tuple(w.shape), jnp.dtype(h.dtype)))
   if error is not None:
-    _log_once(logging.WARNING, ("fallback", kind, impl, spec, h.shape, w.shape, h.dtype),
+    log_once(logging.WARNING, ("fallback", kind, impl, spec, h.shape, w.shape, h.dtype),
               "jpost.ops: %s failed for %s h%s w%s (%s); falling back to blockwise. Error: %s",
               impl, kind, tuple(h.shape), tuple(w.shape), h.dtype, error)
     return "blockwise", spec
   return impl, spec
 
 
-def _prepare(h, w, labels):
+def prepare_operands(h, w, labels):
   if h.ndim != 2 or w.ndim != 2 or labels.ndim != 1:
     raise ValueError(f"expected h [N, D], w [D, V], labels [N]; got {h.shape}, {w.shape}, "
                      f"{labels.shape}")
@@ -194,7 +194,7 @@ def _prepare(h, w, labels):
   return h.astype(dtype), w.astype(dtype), labels.astype(jnp.int32)
 
 
-def _spec(temperature, softcap, with_entropy, block_sizes):
+def make_spec(temperature, softcap, with_entropy, block_sizes):
   return OpSpec(temperature=float(temperature),
                 softcap=None if softcap is None else float(softcap),
                 with_entropy=bool(with_entropy), blocks=BlockSizes.of(block_sizes))
@@ -208,12 +208,12 @@ def token_logprobs(h, w, labels, *, temperature=1.0, softcap=None, with_entropy=
   be < V, which is not checked on device). Returns (logp [N] float32, entropy [N] float32 or
   None). Differentiable in h and w.
   """
-  h, w, labels = _prepare(h, w, labels)
-  spec = _spec(temperature, softcap, with_entropy, block_sizes)
+  h, w, labels = prepare_operands(h, w, labels)
+  spec = make_spec(temperature, softcap, with_entropy, block_sizes)
   if h.shape[0] == 0:   # no tiles to loop over; constant outputs have zero gradients
     empty = jnp.zeros((0,), jnp.float32)
     return empty, (empty if spec.with_entropy else None)
-  impl, spec = _resolve(impl, spec, "lp", h, w)
+  impl, spec = resolve_impl(impl, spec, "lp", h, w)
   if impl == "reference":
     return reference.token_logprobs(h, w, labels, spec)
   outs = _lp(h, w, labels, impl, spec)
@@ -226,16 +226,16 @@ def token_kl(h, w, h_ref, w_ref, labels, *, temperature=1.0, softcap=None, impl=
 
   The same temperature and soft-cap apply to both models. Gradients flow to h and w only.
   """
-  h, w, labels = _prepare(h, w, labels)
-  h_ref, w_ref, _ = _prepare(h_ref, w_ref, labels)
+  h, w, labels = prepare_operands(h, w, labels)
+  h_ref, w_ref, _ = prepare_operands(h_ref, w_ref, labels)
   if h_ref.shape != h.shape or w_ref.shape != w.shape:
     raise ValueError(f"reference shapes {h_ref.shape}, {w_ref.shape} differ from {h.shape}, "
                      f"{w.shape}")
   h_ref, w_ref = h_ref.astype(h.dtype), w_ref.astype(h.dtype)
-  spec = _spec(temperature, softcap, False, block_sizes)
+  spec = make_spec(temperature, softcap, False, block_sizes)
   if h.shape[0] == 0:
     return jnp.zeros((0,), jnp.float32)
-  impl, spec = _resolve(impl, spec, "kl", h, w)
+  impl, spec = resolve_impl(impl, spec, "kl", h, w)
   if impl == "reference":
     return reference.token_kl(h, w, h_ref, w_ref, labels, spec)
   return _kl(h, w, jax.lax.stop_gradient(h_ref), jax.lax.stop_gradient(w_ref), labels, impl,

@@ -130,11 +130,11 @@ def context_layout(n: int, d: int, v: int, impl: str = "auto") -> Layout | None:
   if not token_axes and not vocab_axes:
     return None
   if impl == "reference":
-    logprobs._log_once(logging.INFO, ("sharded-reference",),
+    logprobs.log_once(logging.INFO, ("sharded-reference",),
                        "jpost.ops: impl='reference' has no sharded form; GSPMD partitions it")
     return None
   if v % math.prod(mesh.shape[a] for a in vocab_axes):
-    logprobs._log_once(logging.INFO, ("vocab-split", v, vocab_axes),
+    logprobs.log_once(logging.INFO, ("vocab-split", v, vocab_axes),
                        "jpost.ops: vocabulary %d does not split over %s; those axes split the "
                        "tokens instead", v, vocab_axes)
     token_axes, vocab_axes = token_axes + vocab_axes, ()
@@ -143,7 +143,7 @@ def context_layout(n: int, d: int, v: int, impl: str = "auto") -> Layout | None:
     if n % (math.prod(mesh.shape[b] for b in kept) * mesh.shape[a]) == 0:
       kept.append(a)
   if len(kept) < len(token_axes):
-    logprobs._log_once(logging.INFO, ("token-split", n, token_axes),
+    logprobs.log_once(logging.INFO, ("token-split", n, token_axes),
                        "jpost.ops: %d tokens do not split over %s; tokens split over %s only",
                        n, token_axes, tuple(kept))
   if not kept and not vocab_axes:
@@ -207,7 +207,7 @@ def _local_impl(kind, impl, spec, layout, h, w):
   n, d = h.shape
   local_h = jax.ShapeDtypeStruct((n // layout.size(layout.token_axes), d), h.dtype)
   local_w = jax.ShapeDtypeStruct((d, w.shape[1] // layout.size(layout.vocab_axes)), w.dtype)
-  impl, spec = logprobs._resolve(impl, spec, kind, local_h, local_w)
+  impl, spec = logprobs.resolve_impl(impl, spec, kind, local_h, local_w)
   if impl == "reference":
     raise ValueError("impl='reference' has no sharded form; use 'blockwise' (or call "
                      "jpost.ops.token_logprobs without a layout)")
@@ -226,7 +226,7 @@ def _lp_fwd(h, w, labels, layout, impl, spec):
 
   def shard(h, w, labels):
     local = _local_labels(labels, w.shape[1], vocab_axes)
-    lse_s, zy_s, ent_s = logprobs._module(impl).lp_fwd(h, w, local, spec)
+    lse_s, zy_s, ent_s = logprobs.impl_module(impl).lp_fwd(h, w, local, spec)
     if not vocab_axes:
       return lse_s, zy_s, ent_s
     lse = _global_lse(lse_s, vocab_axes)
@@ -253,7 +253,7 @@ def _lp_bwd(layout, impl, spec, res, cts):
 
   def shard(h, w, labels, lse, ent, g_lp, g_ent):
     local = _local_labels(labels, w.shape[1], layout.vocab_axes)
-    dh, dw = logprobs._module(impl).lp_bwd(h, w, local, lse, ent, g_lp, g_ent, spec)
+    dh, dw = logprobs.impl_module(impl).lp_bwd(h, w, local, lse, ent, g_lp, g_ent, spec)
     return _sum_f32(dh, layout.vocab_axes), _reduce_dw(dw, layout)
 
   h_spec, w_spec, t_spec, dw_spec = _specs(layout)
@@ -277,7 +277,7 @@ def _kl_fwd(h, w, h_ref, w_ref, labels, layout, impl, spec):
   vocab_axes = layout.vocab_axes
 
   def shard(h, w, h_ref, w_ref, labels):
-    kl_s, lse_s, lse_ref_s = logprobs._module(impl).kl_fwd(h, w, h_ref, w_ref, labels, spec)
+    kl_s, lse_s, lse_ref_s = logprobs.impl_module(impl).kl_fwd(h, w, h_ref, w_ref, labels, spec)
     if not vocab_axes:
       return kl_s, lse_s, lse_ref_s
     lse, lse_ref = _global_lse(lse_s, vocab_axes), _global_lse(lse_ref_s, vocab_axes)
@@ -295,7 +295,7 @@ def _kl_bwd(layout, impl, spec, res, g):
   g = jnp.where(labels >= 0, g, 0.0)
 
   def shard(h, w, h_ref, w_ref, labels, lse, lse_ref, g):
-    dh, dw = logprobs._module(impl).kl_bwd(h, w, h_ref, w_ref, labels, lse, lse_ref, g, spec)
+    dh, dw = logprobs.impl_module(impl).kl_bwd(h, w, h_ref, w_ref, labels, lse, lse_ref, g, spec)
     return _sum_f32(dh, layout.vocab_axes), _reduce_dw(dw, layout)
 
   h_spec, w_spec, t_spec, dw_spec = _specs(layout)
@@ -317,9 +317,9 @@ def token_logprobs(h, w, labels, layout: Layout, *, temperature=1.0, softcap=Non
   Raises ValueError when the axes do not divide N / V (see `context_layout` for the choice that
   avoids that) and for impl='reference'.
   """
-  h, w, labels = logprobs._prepare(h, w, labels)
+  h, w, labels = logprobs.prepare_operands(h, w, labels)
   _check(layout, *h.shape, w.shape[1])
-  spec = logprobs._spec(temperature, softcap, with_entropy, block_sizes)
+  spec = logprobs.make_spec(temperature, softcap, with_entropy, block_sizes)
   impl, spec = _local_impl("lp", impl, spec, layout, h, w)
   outs = _lp(h, w, labels, layout, impl, spec)
   return outs[0], (outs[1] if spec.with_entropy else None)
@@ -328,14 +328,14 @@ def token_logprobs(h, w, labels, layout: Layout, *, temperature=1.0, softcap=Non
 def token_kl(h, w, h_ref, w_ref, labels, layout: Layout, *, temperature=1.0, softcap=None,
              impl="auto", block_sizes=None):
   """`jpost.ops.token_kl` (full-vocabulary KL(p_ref || p_theta) [N]) under `layout`."""
-  h, w, labels = logprobs._prepare(h, w, labels)
-  h_ref, w_ref, _ = logprobs._prepare(h_ref, w_ref, labels)
+  h, w, labels = logprobs.prepare_operands(h, w, labels)
+  h_ref, w_ref, _ = logprobs.prepare_operands(h_ref, w_ref, labels)
   if h_ref.shape != h.shape or w_ref.shape != w.shape:
     raise ValueError(f"reference shapes {h_ref.shape}, {w_ref.shape} differ from {h.shape}, "
                      f"{w.shape}")
   h_ref, w_ref = h_ref.astype(h.dtype), w_ref.astype(h.dtype)
   _check(layout, *h.shape, w.shape[1])
-  spec = logprobs._spec(temperature, softcap, False, block_sizes)
+  spec = logprobs.make_spec(temperature, softcap, False, block_sizes)
   impl, spec = _local_impl("kl", impl, spec, layout, h, w)
   return _kl(h, w, lax.stop_gradient(h_ref), lax.stop_gradient(w_ref), labels, layout, impl,
              spec)

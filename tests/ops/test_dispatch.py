@@ -97,8 +97,8 @@ def test_probe_catches_a_kernel_that_compiles_but_computes_wrong_values(monkeypa
       lse, zy, ent = blockwise.lp_fwd(h, w, labels, spec)
       return lse + 0.5, zy, ent
 
-  real_module = logprobs._module
-  monkeypatch.setattr(logprobs, "_module",
+  real_module = logprobs.impl_module
+  monkeypatch.setattr(logprobs, "impl_module",
                       lambda name: Broken if name == "pallas_gpu" else real_module(name))
   # The probe's own tiny problem and tiles, so its compilations are shared by the two calls.
   spec = OpSpec(with_entropy=True, blocks=BlockSizes(interpret=False))
