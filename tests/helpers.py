@@ -25,14 +25,24 @@ def _train_cmd_env(workdir, flags, recipe, devices, fault):
   return cmd, env
 
 
-def train(workdir, flags, *, recipe="configs/sft.py", fault=None, timeout=600, devices=1):
+def train(workdir, flags, *, recipe="configs/sft.py", fault=None, timeout=600, devices=1,
+          extra_env=None):
   """`scripts/train.py` in one process on `devices` fake CPU devices; `flags` a list of args or
   a {config key: value} dict.
 
   `fault` sets JPOST_TEST_FAULT (e.g. 'kill_after_save:4', see jpost/train/loop.py).
   """
   cmd, env = _train_cmd_env(workdir, flags, recipe, devices, fault)
+  env.update(extra_env or {})
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def compile_cache_env(directory) -> dict:
+  """Environment for a persistent JAX compilation cache in `directory`: the later runs of a test
+  that launches the same programs several times (a run and its resumption) skip most compiles."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(directory),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def free_port() -> int:

@@ -149,14 +149,16 @@ class DataIterator:
 
   The state records what the order depends on (dataset size, batch size, seed, packing), and
   `set_state` refuses a state written under different settings instead of silently replaying a
-  different order.
+  different order. A checkpoint holds every process's state (`set_state_from_processes`).
   """
 
-  def __init__(self, it, identity: dict, summary: dict, store: EncodedDataset | None = None):
+  def __init__(self, it, identity: dict, summary: dict, store: EncodedDataset | None = None, *,
+               process_index: int = 0, process_count: int = 1):
     self._it = it
     self._identity = identity
     self.summary = summary
     self.store = store   # the encoded dataset; batches' `example_id` index into it
+    self.process_index, self.process_count = process_index, process_count
 
   def __iter__(self):
     return self
@@ -169,10 +171,31 @@ class DataIterator:
 
   def set_state(self, state: dict) -> None:
     diff = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+    if "process_count" in diff:
+      saved, now = diff["process_count"]
+      raise ValueError(
+          f"cannot restore the packed data iterator: it was saved by {saved} process(es) and this "
+          f"run has {now}. Packed batches are dealt to the processes round-robin and packed per "
+          f"process, so the order depends on the process count: resume with {saved} process(es), "
+          f"or start a new workdir from these weights with model.init=ckpt:<old workdir>")
     if diff:
       raise ValueError("cannot restore the data iterator: it was saved with different settings "
                        + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
     self._it.set_state(copy.deepcopy(state["grain"]))
+
+  def set_state_from_processes(self, states: list[dict]) -> None:
+    """Restores from the states of all processes of the run that saved (process order).
+
+    With the same process count each process takes its own. Unpacked streams do not depend on the
+    process count (every process holds the next global batch index, the same number), so another
+    count resumes the same global order exactly; packed streams are per process and refuse.
+    """
+    if len(states) == self.process_count:
+      return self.set_state(states[self.process_index])
+    if "process_count" not in states[0] and any(s != states[0] for s in states[1:]):
+      raise ValueError(f"the {len(states)} saved data iterator states differ, but this stream is "
+                       f"the same on every process: the checkpoint is inconsistent")
+    self.set_state(states[0])   # a packed state carries its process count: refused with the remedy
 
 
 def _check(data_cfg, kind, batch_size, process_count, pack):
@@ -227,7 +250,8 @@ def make_train_iterator(data_cfg, kind: str, tokenizer=None, *, batch_size: int,
               "shuffle": bool(data_cfg.shuffle), "pack": bool(data_cfg.pack)}
   if data_cfg.pack:   # packed streams are dealt per process: the count fixes the order
     identity["process_count"] = process_count
-  return DataIterator(it, identity, store.summary, store)
+  return DataIterator(it, identity, store.summary, store, process_index=process_index,
+                      process_count=process_count)
 
 
 def make_eval_iterator(data_cfg, kind: str, tokenizer=None, *, batch_size: int,

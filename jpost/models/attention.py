@@ -6,11 +6,15 @@ so a KV-cache decode step (queries at the end of a longer key buffer) can reuse 
 Einsum legend: B batch, T query tokens, S key tokens, H query heads, G kv heads, R = H / G query
 heads per kv head, K head_dim.
 """
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jpost.models.config import ATTENTION_IMPLS
 
 # Large negative instead of -inf: a row whose keys are all masked stays finite (it cannot happen
 # for real tokens, which always see themselves, but padded rows should not produce NaNs).
@@ -75,15 +79,120 @@ def make_mask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS, *, sliding_w
   return mask[:, None]
 
 
-def attend(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap=None, impl="auto"):
+def attend(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap=None, impl="auto",
+           segment_ids=None):
   """Multi-head attention with grouped kv heads -> [B, T, H, K] in the dtype of q.
 
-  `jax.nn.dot_product_attention` (XLA fused, cuDNN-capable) when it fits; it cannot apply a
-  soft-cap to the scores, so Gemma 2 (and impl='xla') take the explicit path below.
+  impl:
+    'auto'    `jax.nn.dot_product_attention` without naming an implementation, which in jax 0.10
+              is XLA's attention on every backend (it does not pick cuDNN by itself); it cannot
+              soft-cap the scores, so Gemma 2 takes the explicit path.
+    'xla'     the explicit path below (float32 scores, GQA without repeating k / v).
+    'cudnn'   `jax.nn.dot_product_attention(implementation='cudnn')`: cuDNN's fused flash
+              attention (GPU only, bf16 / fp16, no soft-cap). The mask goes in as is (jax turns
+              it into an additive bias) plus `is_causal`, so cuDNN can skip masked-out blocks.
+    'splash'  the Pallas splash-attention kernel (TPU only; `splash_attention`): causal by
+              index with `segment_ids` (q, kv) [B, T] instead of the mask array.
+
+  The kernels ('cudnn', 'splash') cover full-sequence attention (T == S: training, prefill),
+  where they assume what `make_mask` builds there: causal by token index within segments.
+  KV-cache decode steps (T != S, one query per row) always take the explicit path: a
+  flash kernel has nothing to tile over a single query. Asking for a kernel the backend lacks
+  is an error, never a silent fallback.
   """
-  if softcap is None and impl == "auto":
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+  full_sequence = q_BTHK.shape[1] == k_BSGK.shape[1]
+  if impl == "cudnn":
+    _check_cudnn(q_BTHK.dtype, softcap)
+    if full_sequence:
+      return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS, scale=scale,
+                                          is_causal=True, implementation="cudnn")
+  elif impl == "splash":
+    _require_backend("splash", "tpu")
+    if full_sequence:
+      if segment_ids is None:
+        raise ValueError("attention impl='splash' needs segment_ids=(q_segment_BT, "
+                         "kv_segment_BS): the kernel takes segments, not a dense mask")
+      return splash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids[0], scale=scale,
+                              softcap=softcap)
+  elif softcap is None and impl == "auto":
     return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS, scale=scale)
   return _attend_xla(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, scale=scale, softcap=softcap)
+
+
+def _require_backend(impl, platform):
+  backend = jax.default_backend()
+  if backend != platform:
+    raise ValueError(f"attention impl={impl!r} needs a {platform.upper()} backend, but jax runs "
+                     f"on {backend!r}: use 'auto' or 'xla' here")
+
+
+def _check_cudnn(dtype, softcap):
+  _require_backend("cudnn", "gpu")
+  if softcap is not None:
+    raise ValueError(f"attention impl='cudnn' cannot soft-cap scores (softcap={softcap}): use "
+                     "'xla'")
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention impl='cudnn' needs bfloat16 or float16 compute (model.dtype), "
+                     f"got {jnp.dtype(dtype).name}")
+
+
+# Splash kernels work in blocks of at most this many tokens; sequences are padded to a multiple
+# of 128 (the TPU lane width), with a segment id no real token has.
+_SPLASH_BLOCK = 512
+_SPLASH_PAD_SEGMENT = -1
+
+
+def splash_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, scale, softcap=None,
+                     interpret=False):
+  """Causal self-attention within segments through the Pallas splash kernel -> [B, T, H, K].
+
+  Tokens attend to earlier tokens of the same segment (padding, segment 0, to padding), which
+  is `make_mask` for T == S. Under a mesh (`jax.set_mesh`) with more than one device, the kernel
+  runs per shard in `shard_map`: rows split over ('data', 'fsdp') and heads over 'tensor' when
+  it divides both H and G. `interpret=True` runs the kernel in the Pallas interpreter (any
+  backend: tests).
+  """
+  b, t, h, k = q_BTHK.shape
+  g = k_BTGK.shape[2]
+  padded = -(-t // 128) * 128
+  if padded != t:
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q_BTHK, k_BTGK, v_BTGK = (jnp.pad(x, pad) for x in (q_BTHK, k_BTGK, v_BTGK))
+    segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, padded - t)),
+                             constant_values=_SPLASH_PAD_SEGMENT)
+  # The kernel does not scale; it takes heads first: q [H, T, K], k / v [G, T, K] per row.
+  q_BHTK = jnp.swapaxes(q_BTHK * jnp.asarray(scale, q_BTHK.dtype), 1, 2)
+  k_BGTK, v_BGTK = jnp.swapaxes(k_BTGK, 1, 2), jnp.swapaxes(v_BTGK, 1, 2)
+  mesh = jax.sharding.get_abstract_mesh()
+  tensor = mesh.shape.get("tensor", 1) if not mesh.empty else 1
+  heads_axis = "tensor" if tensor > 1 and h % tensor == 0 and g % tensor == 0 else None
+  kernel = functools.partial(_splash_rows, softcap=softcap, interpret=interpret)
+  if not mesh.empty and mesh.size > 1:
+    rows = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
+    if rows is not None and b % int(np.prod([mesh.shape[a] for a in rows])):
+      rows = None
+    heads = P(rows, heads_axis, None, None)
+    kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, P(rows, None)),
+                           out_specs=heads, check_vma=False)
+  o_BHTK = kernel(q_BHTK, k_BGTK, v_BGTK, segment_ids_BT)
+  return jnp.swapaxes(o_BHTK, 1, 2)[:, :t]
+
+
+def _splash_rows(q_BHTK, k_BGTK, v_BGTK, segment_ids_BT, *, softcap, interpret):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  h, t = q_BHTK.shape[1], q_BHTK.shape[2]
+  block = math.gcd(t, _SPLASH_BLOCK)
+  blocks = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                         block_q_dq=block, block_kv_dq=block)
+  mask = sm.MultiHeadMask([sm.CausalMask((t, t))] * h)
+  kernel = sk.make_splash_mha(mask, block_sizes=blocks, attn_logits_soft_cap=softcap,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
+  one_row = lambda q, k, v, seg: kernel(q, k, v, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+  return jax.vmap(one_row)(q_BHTK, k_BGTK, v_BGTK, segment_ids_BT)
 
 
 def _attend_xla(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap):

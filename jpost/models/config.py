@@ -14,6 +14,10 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_TYPES = ("default", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+# Full-sequence attention kernels (jpost.models.attention.attend); KV-cache decode steps always
+# take the XLA path.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +60,14 @@ class ModelConfig:
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
   initializer_range: float = 0.02
-  # Execution.
+  # Execution. Mixed precision: weights are stored in `param_dtype` (the optimiser state follows
+  # them) and cast to `dtype` where used; norms, softmax and log-probs run in float32 regardless.
   dtype: str = "bfloat16"           # compute dtype (activations, matmul inputs)
-  param_dtype: str = "float32"      # stored (master) weights
+  param_dtype: str = "float32"      # stored (master) weights and the optimiser state
   remat: str = "none"               # 'none' | 'full' | 'dots' | 'dots_no_batch'
-  # 'auto': jax.nn.dot_product_attention unless soft-capped; 'xla': always the explicit path.
+  # 'auto': jax.nn.dot_product_attention unless soft-capped (XLA's attention: jax 0.10 does not
+  # pick cuDNN by itself); 'xla': always the explicit path; 'cudnn' (GPU) / 'splash' (TPU): fused
+  # kernels, which fail with a clear error elsewhere. See jpost.models.attention.attend.
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -73,8 +80,18 @@ class ModelConfig:
       problems.append(f"rope_type={self.rope_type!r} (expected one of {ROPE_TYPES})")
     if self.remat not in REMAT_POLICIES:
       problems.append(f"remat={self.remat!r} (expected one of {REMAT_POLICIES})")
-    if self.attention_impl not in ("auto", "xla"):
-      problems.append(f"attention_impl={self.attention_impl!r} (expected 'auto' or 'xla')")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        problems.append(f"{name}={getattr(self, name)!r} (expected one of {DTYPES})")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      problems.append(f"attention_impl={self.attention_impl!r} (expected one of "
+                      f"{ATTENTION_IMPLS})")
+    if self.attention_impl == "cudnn" and self.attn_softcap is not None:
+      problems.append("attention_impl='cudnn' cannot soft-cap attention scores "
+                      f"(attn_softcap={self.attn_softcap}): use 'xla'")
+    if self.attention_impl == "splash" and self.sliding_window is not None:
+      problems.append("attention_impl='splash' is not wired for sliding-window attention "
+                      f"(sliding_window={self.sliding_window}): use 'xla' or 'auto'")
     if self.num_heads % self.num_kv_heads:
       problems.append(f"num_heads={self.num_heads} is not a multiple of "
                       f"num_kv_heads={self.num_kv_heads}")

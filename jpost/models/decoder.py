@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpost.adapters import hook as adapter_hook
 from jpost.models import attention
 from jpost.models.config import ModelConfig
 
@@ -85,13 +86,17 @@ class Proj(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    kernel = _param(self, "kernel", self.shape, self.names,
-                    normal_init(cfg.initializer_range), cfg)
+    # LoRA / QLoRA hook (jpost/adapters/hook.py): a quantised base kernel and adapter factors
+    # are extra leaves of this module's params; without them nothing changes.
+    kernel = adapter_hook.quantized_kernel(self, self.shape, self.eqn, cfg.dtype)
+    if kernel is None:
+      kernel = _param(self, "kernel", self.shape, self.names,
+                      normal_init(cfg.initializer_range), cfg)
     y = jnp.einsum(self.eqn, x, kernel.astype(cfg.dtype))
     if self.bias_shape is not None:
       bias = _param(self, "bias", self.bias_shape, self.bias_names, nn.initializers.zeros, cfg)
       y = y + bias.astype(cfg.dtype)
-    return y
+    return adapter_hook.with_lora(self, self.eqn, x, y, cfg.dtype)
 
 
 class Attention(nn.Module):
@@ -145,7 +150,8 @@ class Attention(nn.Module):
     mask = attention.make_mask(segment_ids_BT, kv_segment_BS, q_index_BT, kv_index_BS,
                                sliding_window=cfg.sliding_window, is_sliding=is_sliding)
     o_BTHK = attention.attend(q_BTHK, keys, values, mask, scale=cfg.attn_scale,
-                              softcap=cfg.attn_softcap, impl=cfg.attention_impl)
+                              softcap=cfg.attn_softcap, impl=cfg.attention_impl,
+                              segment_ids=(segment_ids_BT, kv_segment_BS))
     o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "head_dim"))
     o_BTD = Proj(cfg, "bthk,hkd->btd", (h, k, d), ("heads", "head_dim", "embed"),
                  name="o_proj")(o_BTHK)

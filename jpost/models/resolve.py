@@ -85,6 +85,16 @@ def load(source: ModelSource, dtype: str | None = None):
   if "lm" not in params:
     raise ValueError(f"{source.spec}: the checkpoint's params have no 'lm' entry (found "
                      f"{sorted(params)})")
+  if "lora" in params:
+    # A LoRA run stores a frozen (maybe quantised) base beside its adapters: every script that
+    # samples, scores or merges wants the trained model, i.e. the adapters merged in.
+    from jpost.adapters import lora
+    lora_section = source.run_config().get("lora")
+    if not lora_section:
+      raise ValueError(f"{source.spec}: the checkpoint holds LoRA adapters but its run's "
+                       "config.json has no 'lora' section to read rank / alpha / targets from")
+    params["lm"] = lora.export_lm(params, lora_section, cfg)
+    del params["lora"]
   if dtype:
     cfg = dataclasses.replace(cfg, dtype=dtype)
   return cfg, params

@@ -17,7 +17,7 @@ def all_equal_groups(rewards_PG):
 
 
 def group_advantages(rewards_PG, estimator="grpo", *, scale="group", eps=1e-6, ddof=1,
-                     reinforce_pm1=False):
+                     reinforce_pm1=False, batch_std=None):
   """Per-sample advantages from scalar rewards -> (adv [P, G] float32, stats).
 
   grpo: (r - mean_g) / (std + eps), std of the group (`scale='group'`), of the whole batch
@@ -26,6 +26,8 @@ def group_advantages(rewards_PG, estimator="grpo", *, scale="group", eps=1e-6, d
   Baseline estimators give exactly 0 to all-equal groups (floating-point means need not cancel
   exactly). REINFORCE has no baseline, so its all-equal groups keep r: otherwise G = 1 (plain
   REINFORCE) would never learn. `pg/zero_adv_frac` is the fraction of all-equal groups.
+  `batch_std` replaces the std of `rewards_PG` for scale='batch' when the batch is larger than
+  these rows (its other prompts are on other processes).
   """
   r = np.asarray(rewards_PG, np.float64)
   if r.ndim != 2:
@@ -37,6 +39,8 @@ def group_advantages(rewards_PG, estimator="grpo", *, scale="group", eps=1e-6, d
     if estimator == "grpo" and scale != "none":
       if scale == "group":
         std = r.std(axis=1, ddof=ddof, keepdims=True) if r.shape[1] > ddof else np.zeros_like(mean_P1)
+      elif scale == "batch" and batch_std is not None:
+        std = float(batch_std)
       elif scale == "batch":
         std = r.std(ddof=ddof) if r.size > ddof else 0.0
       else:
@@ -95,11 +99,13 @@ def gae(token_rewards_BT, values_BT, mask_BT, gamma=1.0, lam=0.95):
   return adv.astype(np.float32), returns.astype(np.float32)
 
 
-def masked_whiten(x_BT, mask_BT, eps=1e-8):
-  """(x - mean) / std over the masked entries (PPO's optional advantage whitening)."""
+def masked_whiten(x_BT, mask_BT, eps=1e-8, *, mean=None, std=None):
+  """(x - mean) / std over the masked entries (PPO's optional advantage whitening); `mean` and
+  `std` given when the batch spans processes (statistics of all their entries)."""
   x = np.asarray(x_BT, np.float64)
   m = np.asarray(mask_BT) > 0
-  mean, std = x[m].mean(), x[m].std()
+  mean = x[m].mean() if mean is None else mean
+  std = x[m].std() if std is None else std
   return np.where(m, (x - mean) / (std + eps), 0.0).astype(np.float32)
 
 

@@ -7,6 +7,16 @@ the unified policy-gradient loss. `train.steps` counts iterations; `TrainState.s
 optimiser updates. Checkpoints are written between iterations, with the prompt iterator's state;
 every random draw of an iteration derives from (seed, iteration), so a resumed run repeats the
 uninterrupted one exactly.
+
+Several processes (`jax.distributed`): each process owns `train.batch_size / process_count`
+prompts of every prompt batch (the data pipeline's slice) and keeps their G samples: it samples
+them (the sampler assembles the global batch and hands back each process's rows), scores them on
+its host, computes their group advantages and passes its rows to the update, which assembles the
+global batch. Logged metrics and eval numbers are reduced over all processes
+(`jpost.rl.multihost`), and so is every decision that must agree (DAPO's refill rounds).
+
+Debugging aid: JPOST_DUMP_ROLLOUTS=1 makes each process write its rows of every iteration's
+rollout batch to <workdir>/rollouts/iter<i>.p<process>.npz (what the tests compare across meshes).
 """
 import dataclasses
 import json
@@ -26,6 +36,7 @@ from jpost.losses import policy_gradient as pg
 from jpost.losses import registry
 from jpost.models import heads
 from jpost.rl import advantages as adv_lib
+from jpost.rl import multihost
 from jpost.rl import rewards as rewards_lib
 from jpost.rl import rollout
 from jpost.rl import sampler
@@ -79,6 +90,11 @@ class Setup:
   def group_size(self):
     return self.cfg.rl.group_size
 
+  @property
+  def local_prompts(self):
+    """Prompts per iteration this process owns (its slice of every prompt batch)."""
+    return self.cfg.train.batch_size // jax.process_count()
+
 
 def _check_config(cfg, pg_cfg):
   rl = cfg.rl
@@ -91,12 +107,20 @@ def _check_config(cfg, pg_cfg):
   if pg_cfg.mixing == "hpt" and pg_cfg.hpt.n != rl.group_size:
     raise ValueError(f"hpt: objective.hpt.n={pg_cfg.hpt.n} must equal rl.group_size="
                      f"{rl.group_size} (the rollouts sampled per prompt)")
-  rows = cfg.train.batch_size * _rows_per_group(cfg, pg_cfg)
+  processes = jax.process_count()
+  if cfg.train.batch_size % processes:
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} prompts do not split over "
+                     f"{processes} processes")
+  rows = cfg.train.batch_size // processes * _rows_per_group(cfg, pg_cfg)
   if rows % (rl.mini_batches * cfg.train.grad_accum):
-    raise ValueError(f"{rows} rollout rows per iteration do not split into rl.mini_batches="
-                     f"{rl.mini_batches} x train.grad_accum={cfg.train.grad_accum}")
+    raise ValueError(f"{rows} rollout rows per iteration"
+                     + (" and process" if processes > 1 else "")
+                     + f" do not split into rl.mini_batches={rl.mini_batches} x "
+                     f"train.grad_accum={cfg.train.grad_accum}")
   if cfg.data.rl_padding != "left":
     raise ValueError("data.rl_padding must be 'left' for online RL (the sampler left-pads)")
+  if rl.max_sampling_rounds < 1:
+    raise ValueError(f"rl.max_sampling_rounds={rl.max_sampling_rounds} must be >= 1")
 
 
 def _rows_per_group(cfg, pg_cfg):
@@ -172,20 +196,18 @@ def generate(setup: Setup, lm_params, prompts: list, rng, sampling=None) -> list
 
 
 def score(setup: Setup, rows: list, responses: list):
-  """-> (reward [N] incl. the no-EOS penalty, correct [N] bool, per-reward means) for the
-  non-None responses in order. `correct` compares the unpenalised reward with
-  rl.correct_threshold."""
+  """-> (reward [N] incl. the no-EOS penalty, correct [N] bool, {'reward/<name>': [N]} of every
+  reward, even for N = 0) for the non-None responses in order. `correct` compares the
+  unpenalised reward with rl.correct_threshold."""
   rl = setup.cfg.rl
   pairs = [(row, r) for row, r in zip(rows, responses) if r is not None]
-  if not pairs:
-    return np.zeros(0, np.float32), np.zeros(0, bool), {}
-  rows_, resp = zip(*pairs)
-  truncated = np.array([not r.stopped for r in resp])
-  total, per = setup.scorer.score(list(rows_), [r.text for r in resp])
+  rows_, resp = (list(x) for x in zip(*pairs)) if pairs else ([], [])
+  truncated = np.array([not r.stopped for r in resp], bool)
+  total, per = setup.scorer.score(rows_, [r.text for r in resp])
   correct = total >= rl.correct_threshold
   if rl.no_eos_penalty:
     total = rewards_lib.no_eos_penalty(total, truncated, rl.no_eos_penalty)
-  return total, correct, {f"reward/{k}": float(v.mean()) for k, v in per.items()}
+  return total, correct, {f"reward/{k}": v for k, v in per.items()}
 
 
 def _sample_groups(setup: Setup, lm_params, prompt_batch, rng, np_rng, progress_frac):
@@ -197,15 +219,18 @@ def _sample_groups(setup: Setup, lm_params, prompt_batch, rng, np_rng, progress_
   demos = ({i: _demonstration(setup, rows[i], prompts[i]) for i in live}
            if pg_cfg.mixing != "none" else {})
   # Prefix-RFT: the first `num_prefixed` samples of a prompt continue a demonstration prefix of
-  # floor(u * L) tokens, u ~ U[low_t, high], low_t decaying by cosine over the run.
+  # floor(u * L) tokens, u ~ U[low_t, high], low_t decaying by cosine over the run. The u of the
+  # whole global batch are drawn and each process takes its rows', so prompts on different
+  # processes get different draws and the process count does not change them.
   prefix_len = {}
   if pg_cfg.mixing == "prefix_rft":
     low = schedules.cosine_decay(progress_frac, 1.0, pg_cfg.prefix.low_start, pg_cfg.prefix.low_end)
-    k = pg_cfg.prefix.num_prefixed
+    high, k = pg_cfg.prefix.high, pg_cfg.prefix.num_prefixed
+    n, p = len(prompts), jax.process_index()
+    u = np_rng.uniform(min(low, high), high, size=(n * jax.process_count(), k))[p * n:(p + 1) * n]
     if live:
-      lens = schedules.sample_prefix_lengths(np_rng, [len(demos[i]) for i in live],
-                                             min(low, pg_cfg.prefix.high), pg_cfg.prefix.high, k)
-      prefix_len = {i: lens[n] for n, i in enumerate(live)}
+      lens = schedules.prefix_lengths(u[live], [len(demos[i]) for i in live])
+      prefix_len = {i: lens[j] for j, i in enumerate(live)}
   sampler_prompts = []
   for i, ids in enumerate(prompts):
     for j in range(g):
@@ -258,69 +283,84 @@ def _shaped_rewards(setup: Setup, group) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def collect(setup: Setup, lm_params, train_iter, iteration: int, total_iterations: int):
-  """Samples, scores and filters until `train.batch_size` groups are ready -> (groups, stats)."""
+  """Samples, scores and filters until this process holds its `setup.local_prompts` groups
+  -> (this process's groups, stats over all processes).
+
+  DAPO's dynamic sampling drops all-equal groups and samples another prompt batch while any
+  process is short of its share (a decision from globally reduced counts, so every process runs
+  the same rounds), at most `rl.max_sampling_rounds`; a process's surplus groups are dropped.
+  """
   cfg, pg_cfg = setup.cfg, setup.pg_cfg
-  want = cfg.train.batch_size
+  want = setup.local_prompts
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), iteration)
   np_rng = np.random.default_rng([cfg.train.seed, iteration])
-  kept, seen, rounds, per_means = [], 0, 0, []
-  sampled_rewards, sampled_correct, lengths, truncated = [], [], [], []
+  kept, seen, rounds = [], 0, 0
+  tally = multihost.Tally()
   max_rounds = cfg.rl.max_sampling_rounds if pg_cfg.dynamic_sampling else 1
-  while len(kept) < want and rounds < max_rounds:
+  while True:
     groups, per = _sample_groups(setup, lm_params, next(train_iter), jax.random.fold_in(key, rounds),
                                  np_rng, iteration / max(total_iterations, 1))
     rounds += 1
-    per_means.append(per)
+    for name, values in per.items():
+      tally.add(name, values)
     for grp in groups:
       seen += 1
-      sampled_rewards.append(grp["reward"])
-      sampled_correct.append(grp["correct"])
-      for r in grp["responses"]:
-        if r.source == "rollout":
-          lengths.append(len(r.ids) - r.prefix_len)
-          truncated.append(not r.stopped)
+      tally.add("reward", grp["reward"])
+      tally.add("correct", grp["correct"])
+      sampled = [r for r in grp["responses"] if r.source == "rollout"]
+      tally.add("length", [len(r.ids) - r.prefix_len for r in sampled])
+      tally.add("truncated", [not r.stopped for r in sampled])
       if pg_cfg.dynamic_sampling and adv_lib.all_equal_groups(grp["reward"][None])[0]:
         continue
       kept.append(grp)
+    if rounds >= max_rounds or not multihost.any_process(len(kept) < want):
+      break
   kept = kept[:want]
-  rewards = np.concatenate(sampled_rewards) if sampled_rewards else np.zeros(0)
+  tally.add("kept", [1.0] * len(kept) + [0.0] * (seen - len(kept)))
+  totals = tally.reduce()
   stats = {
-      "rollout/reward_mean": float(rewards.mean()) if rewards.size else 0.0,
-      "rollout/accuracy": float(np.concatenate(sampled_correct).mean()) if sampled_correct else 0.0,
-      "rollout/len_mean": float(np.mean(lengths)) if lengths else 0.0,
-      "rollout/truncated_frac": float(np.mean(truncated)) if truncated else 0.0,
+      "rollout/reward_mean": totals.mean("reward"),
+      "rollout/accuracy": totals.mean("correct"),
+      "rollout/len_mean": totals.mean("length"),
+      "rollout/truncated_frac": totals.mean("truncated"),
       "rollout/sampling_rounds": float(rounds),
-      "rollout/kept_groups": float(len(kept)),
-      "rollout/kept_frac": len(kept) / max(seen, 1),
+      "rollout/kept_groups": totals.sum("kept"),
+      "rollout/kept_frac": totals.mean("kept"),
   }
-  for name in per_means[0] if per_means else ():
-    stats[name] = float(np.mean([p[name] for p in per_means if name in p]))
+  stats.update({name: totals.mean(name) for name in per})
   return kept, stats
 
 
 def assemble(setup: Setup, groups: list):
-  """Groups -> (host batch [P * rows_per_group, T], per-row sequence advantages [rows], stats).
+  """This process's groups -> (host batch [local_prompts * rows_per_group, T], per-row sequence
+  advantages [rows], stats over all processes).
 
   HPT / SRFT groups get one extra row for the demonstration (trained with the NLL term); HPT
   trains a prompt either on its rollouts or, when at most `gate` of them are correct, on that row.
   Missing groups (dynamic sampling ran out of rounds) are padding rows.
   """
-  cfg, pg_cfg, g = setup.cfg, setup.pg_cfg, setup.group_size
+  pg_cfg, g = setup.pg_cfg, setup.group_size
   per_group = setup.rows_per_group
-  responses = [None] * (cfg.train.batch_size * per_group)
+  responses = [None] * (setup.local_prompts * per_group)
   seq_adv = np.zeros(len(responses), np.float32)
-  stats = {}
+  tally = multihost.Tally()
   use_sft = np.zeros(len(groups), bool)
-  if pg_cfg.mixing == "hpt" and groups:
-    use_sft, stats = schedules.hpt_gate(np.stack([grp["correct"] for grp in groups]),
-                                        pg_cfg.hpt.gate)
+  if pg_cfg.mixing == "hpt":
+    if groups:
+      use_sft, _ = schedules.hpt_gate(np.stack([grp["correct"] for grp in groups]),
+                                      pg_cfg.hpt.gate)
+    tally.add("hpt/sft_frac", use_sft)
   pg_groups = [n for n in range(len(groups)) if not use_sft[n]]
-  if pg_groups and pg_cfg.advantage != "gae":
-    rewards_PG = np.stack([_shaped_rewards(setup, groups[n]) for n in pg_groups])
-    adv_PG, adv_stats = adv_lib.group_advantages(
+  if pg_cfg.advantage != "gae":
+    rewards_PG = (np.stack([_shaped_rewards(setup, groups[n]) for n in pg_groups])
+                  if pg_groups else np.zeros((0, g), np.float32))
+    batch_std = (_batch_reward_std(setup, rewards_PG)
+                 if pg_cfg.advantage == "grpo" and pg_cfg.adv_scale == "batch" else None)
+    adv_PG, _ = adv_lib.group_advantages(
         rewards_PG, pg_cfg.advantage, scale=pg_cfg.adv_scale, eps=pg_cfg.adv_eps,
-        ddof=pg_cfg.adv_std_ddof, reinforce_pm1=pg_cfg.reinforce_pm1)
-    stats.update({k: v for k, v in adv_stats.items() if k.startswith("pg/")})
+        ddof=pg_cfg.adv_std_ddof, reinforce_pm1=pg_cfg.reinforce_pm1, batch_std=batch_std)
+    tally.add("pg/zero_adv_frac", adv_lib.all_equal_groups(rewards_PG))
+    tally.add("pg/adv", adv_PG, squares=True)
   demo_row = 1 if per_group > g else 0
   for n, grp in enumerate(groups):
     base = n * per_group
@@ -336,7 +376,25 @@ def assemble(setup: Setup, groups: list):
     if pg_cfg.advantage != "gae":
       seq_adv[base + demo_row:base + demo_row + g] = adv_PG[pg_groups.index(n)]
   batch = rollout.build_batch(responses, setup.row_width, setup.mixing_keys)
+  totals = tally.reduce()
+  stats = {}
+  if pg_cfg.mixing == "hpt":
+    stats["hpt/sft_frac"] = totals.mean("hpt/sft_frac")
+  if pg_cfg.advantage != "gae":
+    stats.update({"pg/zero_adv_frac": totals.mean("pg/zero_adv_frac"),
+                  "pg/adv_mean": totals.mean("pg/adv"), "pg/adv_std": totals.std("pg/adv")})
   return batch, seq_adv, responses, stats
+
+
+def _batch_reward_std(setup: Setup, rewards_PG) -> float:
+  """The std of every reward in the batch, over all processes (GRPO's scale='batch'): the
+  rewards are gathered (padded to each process's share) and reduced as on one process."""
+  g, ddof = setup.group_size, setup.pg_cfg.adv_std_ddof
+  padded = np.full((setup.local_prompts, g), np.nan)
+  padded[:len(rewards_PG)] = rewards_PG
+  r = multihost.gather(padded).reshape(-1, g)
+  r = r[~np.isnan(r[:, 0])]
+  return float(r.std(ddof=ddof)) if r.size > ddof else 0.0
 
 
 def _sequence_rewards(setup: Setup, groups, responses) -> np.ndarray:
@@ -368,14 +426,16 @@ def _stats_spec(setup: Setup, train_spec: forward.ForwardSpec) -> forward.Forwar
 
 
 def _rollout_stats(setup, stats_fn, params, ref_params, batch, micro_rows):
-  """Runs `stats_fn` over the batch in micro-batches -> host dict of [B, T] arrays."""
+  """Runs `stats_fn` over this process's rows in micro-batches (each the global batch of all
+  processes' micro-batches) -> host dict of [B, T] arrays for this process's rows."""
   out = {}
   rows = batch["tokens"].shape[0]
   for start in range(0, rows, micro_rows):
-    part = {k: v[start:start + micro_rows] for k, v in batch.items()}
-    got = jax.device_get(stats_fn(params, ref_params, tbatches.to_device(part, setup.mesh)))
-    for k, v in got.items():
-      out.setdefault(k, []).append(np.asarray(v))
+    part = tbatches.to_device({k: v[start:start + micro_rows] for k, v in batch.items()},
+                              setup.mesh, batch_axis=0)
+    own = multihost.own_rows(part["tokens"])
+    for k, v in stats_fn(params, ref_params, part).items():
+      out.setdefault(k, []).append(multihost.local_rows(v, own))
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -384,6 +444,7 @@ def finish_batch(setup: Setup, batch, seq_adv, groups, responses, pre):
   pg_cfg, rl = setup.pg_cfg, setup.cfg.rl
   mask = batch["loss_mask"]
   stats = {}
+  tally = multihost.Tally()
   if pre is not None and "policy" in pre and rl.old_logp == "trainer":
     batch["old_logp"] = pre["policy"]
   elif rl.old_logp == "sampler":
@@ -399,15 +460,23 @@ def finish_batch(setup: Setup, batch, seq_adv, groups, responses, pre):
     if pg_cfg.kl_beta != 0 and pg_cfg.kl_placement == "reward":
       token_rewards = adv_lib.kl_in_reward(token_rewards, pre["policy"], pre["ref"], mask,
                                            pg_cfg.kl_beta)
-      stats["pg/kl_reward"] = float(np.sum((pre["policy"] - pre["ref"]) * mask)
-                                    / max(mask.sum(), 1.0))
+      tally.add_sum("pg/kl_reward", np.sum((pre["policy"] - pre["ref"]) * mask), mask.sum())
     advantages, returns = adv_lib.gae(token_rewards, pre["values"], mask, pg_cfg.gae_gamma,
                                       pg_cfg.gae_lambda)
     if pg_cfg.whiten_advantages:
-      advantages = adv_lib.masked_whiten(advantages, mask)
+      # Over the whole batch: every process's advantages.
+      moments = multihost.Tally()
+      moments.add("adv", advantages[mask > 0], squares=True)
+      moments = moments.reduce()
+      advantages = adv_lib.masked_whiten(advantages, mask, mean=moments.mean("adv"),
+                                         std=moments.std("adv"))
     batch.update(advantages=advantages, returns=returns,
                  old_values=np.where(mask > 0, pre["values"], 0.0).astype(np.float32))
-    stats["pg/adv_std"] = float(advantages[mask > 0].std()) if mask.any() else 0.0
+    tally.add("pg/adv", advantages[mask > 0], squares=True)
+    totals = tally.reduce()
+    stats["pg/adv_std"] = totals.std("pg/adv")
+    if pg_cfg.kl_beta != 0 and pg_cfg.kl_placement == "reward":
+      stats["pg/kl_reward"] = totals.mean("pg/kl_reward")
   else:
     batch["advantages"] = adv_lib.broadcast_to_tokens(seq_adv, batch["seq_index"], mask)
   if pg_cfg.mixing == "prefix_rft":
@@ -417,19 +486,25 @@ def finish_batch(setup: Setup, batch, seq_adv, groups, responses, pre):
 
 
 def _subset_denominators(mb):
-  """Global sizes of the loss's token subsets over a stacked mini-batch ([k] arrays)."""
+  """Global sizes of the loss's token subsets over a stacked mini-batch, all processes' rows
+  ([k] arrays, the same on every process)."""
   k = mb["loss_mask"].shape[0]
   mask = mb["loss_mask"]
   sft = mb.get("sft_mask", np.zeros_like(mask)) * mask
   demo = mb.get("offline_mask", np.zeros_like(mask)) * mask
   onpol = (mask - sft) * (1.0 - demo)
   sampled = onpol * (1.0 - mb.get("prefix_mask", np.zeros_like(mask)))
-  full = lambda x: np.full((k,), max(float(x.sum()), 1.0), np.float32)
-  return {"denom_onpolicy_tokens": full(onpol), "denom_sampled_tokens": full(sampled)}
+  onpol_n, sampled_n = multihost.total(np.array([onpol.sum(), sampled.sum()], np.float64))
+  full = lambda x: np.full((k,), max(float(x), 1.0), np.float32)
+  return {"denom_onpolicy_tokens": full(onpol_n), "denom_sampled_tokens": full(sampled_n)}
 
 
 def update(setup: Setup, train_step, state, ref_params, batch, iteration):
-  """`rl.num_iterations` shuffled passes of `rl.mini_batches` updates -> (state, [metrics])."""
+  """`rl.num_iterations` shuffled passes of `rl.mini_batches` updates -> (state, [metrics]).
+
+  Each process shuffles its own rows (they stay on it), so with several mini-batches their
+  composition depends on the process count; one mini-batch per pass keeps every row in order.
+  """
   cfg, rl = setup.cfg, setup.cfg.rl
   rows = batch["tokens"].shape[0]
   per_mb = rows // rl.mini_batches
@@ -472,33 +547,34 @@ def _combine(update_metrics):
 # ---------------------------------------------------------------------------------------------
 
 def evaluate(setup: Setup, lm_params, eval_batches) -> dict:
-  """Greedy reward / accuracy / length, and pass@k and mean reward of k temperature samples."""
+  """Greedy reward / accuracy / length, and pass@k and mean reward of k temperature samples, over
+  every process's eval prompts (`eval_batches` holds this process's rows of each batch)."""
   cfg = setup.cfg
   k = cfg.eval.num_samples
   greedy_sc = dataclasses.replace(setup.sampling, temperature=0.0, top_p=1.0, top_k=0)
   key = jax.random.PRNGKey(cfg.train.seed + 1)
-  rewards, correct, lengths, trunc, sample_rewards, sample_correct = [], [], [], [], [], []
+  tally = multihost.Tally()
   for n, b in enumerate(eval_batches):
     prompts = rollout.prompt_ids(b, cfg.data.rl_padding)
     resp = generate(setup, lm_params, prompts, jax.random.fold_in(key, n), greedy_sc)
     r, c, _ = score(setup, b["rows"], resp)
-    rewards.append(r)
-    correct.append(c)
     live = [x for x in resp if x is not None]
-    lengths += [len(x.ids) for x in live]
-    trunc += [not x.stopped for x in live]
+    tally.add("reward", r)
+    tally.add("correct", c)
+    tally.add("length", [len(x.ids) for x in live])
+    tally.add("truncated", [not x.stopped for x in live])
     if k > 0:
       many = [p for p in prompts for _ in range(k)]
       resp_k = generate(setup, lm_params, many, jax.random.fold_in(key, 10_000 + n))
       r_k, c_k, _ = score(setup, [row for row in b["rows"] for _ in range(k)], resp_k)
-      sample_rewards.append(r_k)
-      sample_correct.append(c_k.reshape(-1, k))
-  cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
-  out = {"eval/reward_mean": float(cat(rewards).mean()), "eval/accuracy": float(cat(correct).mean()),
-         "eval/len_mean": float(np.mean(lengths)), "eval/truncated_frac": float(np.mean(trunc))}
+      tally.add("sample_reward", r_k)
+      tally.add("pass", c_k.reshape(-1, k).any(axis=1))   # pass@k with n = k, per prompt
+  totals = tally.reduce()
+  out = {"eval/reward_mean": totals.mean("reward"), "eval/accuracy": totals.mean("correct"),
+         "eval/len_mean": totals.mean("length"), "eval/truncated_frac": totals.mean("truncated")}
   if k > 0:
-    out[f"eval/pass@{k}"] = rollout.pass_at_k(np.concatenate(sample_correct))
-    out["eval/sample_reward_mean"] = float(cat(sample_rewards).mean())
+    out[f"eval/pass@{k}"] = totals.mean("pass")
+    out["eval/sample_reward_mean"] = totals.mean("sample_reward")
   return out
 
 
@@ -510,11 +586,14 @@ def filter_prompts(setup: Setup, lm_params, workdir: str) -> str:
   """Samples `filter.k` rollouts per training prompt with the initial policy and writes the
   prompts with at least one correct (and, with `drop_all_correct`, not all correct) to
   `<workdir>/filtered_prompts.jsonl`, which then replaces `data.train`. Runs once per run (the
-  file is reused on resume), not before every epoch."""
+  file is reused on resume), not before every epoch. Several processes: each samples its slice of
+  every batch, the keep flags are gathered, and each writes the same file (`.p<index>`), so all
+  train on one prompt set."""
   cfg, f = setup.cfg, setup.pg_cfg.filter
   suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
   path = os.path.join(workdir, f"filtered_prompts{suffix}.jsonl")
-  if os.path.exists(path):
+  # Sampling is collective: reuse only if every process has its file (one may have died first).
+  if not multihost.any_process(not os.path.exists(path)):
     print(f"instance filter: reusing {path}", flush=True)
     return path
   data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
@@ -523,15 +602,18 @@ def filter_prompts(setup: Setup, lm_params, workdir: str) -> str:
                                     batch_size=cfg.train.batch_size)
   key = jax.random.PRNGKey(cfg.train.seed + 2)
   kept, total = [], 0
-  for n, b in enumerate(batches):
+  for n, full in enumerate(batches):
+    b = _process_slice(full)
     prompts = rollout.prompt_ids(b, cfg.data.rl_padding)
-    rows = [r for r in b["rows"] if r is not None]
-    many = [p for p in prompts if p is not None for _ in range(f.k)]
-    resp = generate(setup, lm_params, many, jax.random.fold_in(key, n))
-    _, correct, _ = score(setup, [r for r in rows for _ in range(f.k)], resp)
-    keep, _ = schedules.instance_filter(correct.reshape(-1, f.k), f.drop_all_correct)
-    kept += [r for r, k in zip(rows, keep) if k]
-    total += len(rows)
+    live = [i for i, p in enumerate(prompts) if p is not None]
+    resp = generate(setup, lm_params, [p for p in prompts for _ in range(f.k)],
+                    jax.random.fold_in(key, n))
+    _, correct, _ = score(setup, [r for r in b["rows"] for _ in range(f.k)], resp)
+    keep = np.zeros(len(prompts), bool)
+    keep[live] = schedules.instance_filter(correct.reshape(-1, f.k), f.drop_all_correct)[0]
+    keep = multihost.gather(keep).reshape(-1)     # the whole batch's flags, in row order
+    kept += [r for r, k in zip(full["rows"], keep) if k]
+    total += sum(r is not None for r in full["rows"])
   if not kept:
     raise ValueError(f"instance filter: none of the {total} training prompts has a correct "
                      f"rollout in {f.k} samples; the policy cannot learn from them")
@@ -547,6 +629,24 @@ def filter_prompts(setup: Setup, lm_params, workdir: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
+def _dump_rollouts(workdir, iteration, batch):
+  """JPOST_DUMP_ROLLOUTS=1: this process's rows of the iteration's rollout batch -> npz."""
+  if os.environ.get("JPOST_DUMP_ROLLOUTS", "0") in ("", "0"):
+    return
+  out = os.path.join(workdir, "rollouts")
+  os.makedirs(out, exist_ok=True)
+  keep = ("tokens", "loss_mask", "advantages", "sampler_logp", "old_logp", "example_valid")
+  np.savez(os.path.join(out, f"iter{iteration:06d}.p{jax.process_index()}.npz"),
+           **{k: batch[k] for k in keep if k in batch})
+
+
+def _process_slice(batch: dict) -> dict:
+  """This process's rows of a whole RL prompt batch (the pipeline's slice [p*b, (p+1)*b))."""
+  p, n = jax.process_index(), jax.process_count()
+  b = len(batch["rows"]) // n
+  return {k: v[p * b:(p + 1) * b] for k, v in batch.items()}
+
 
 def _value_head_axes():
   return {"w": ("embed",), "b": ()}
@@ -622,7 +722,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
         cfg.data, "rl", tokenizer, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     eval_batches = jdata.make_eval_batches(cfg.data, "rl", tokenizer,
-                                           batch_size=cfg.eval.batch_size)
+                                           batch_size=cfg.eval.batch_size,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())
     if cfg.eval.max_batches:
       eval_batches = eval_batches[:cfg.eval.max_batches]
 
@@ -663,9 +765,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       pre = (_rollout_stats(setup, stats_fn, state.params, ref_params, batch, micro_rows)
              if stats_fn else None)
       batch, adv_stats = finish_batch(setup, batch, seq_adv, groups, responses, pre)
+      _dump_rollouts(workdir, it, batch)
       state, update_metrics = update(setup, train_step, state, ref_params, batch, it)
       metrics = _combine(update_metrics)
       t2 = time.time()
+      offline._test_fault_injection(it, ckpt, after_save=False)
+      preempted = preemption.check(it)   # every process, every iteration: they agree on it
       metrics.update(stats)
       metrics.update(mix_stats)
       metrics.update(adv_stats)
@@ -685,11 +790,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
               + f"({t2 - t0:.2f} s/it, eta {eta:.0f} s)", flush=True)
       if cfg.eval.every_steps and it % cfg.eval.every_steps == 0 and eval_batches:
         last_eval = run_eval(it)
-      if (cfg.checkpoint.every_steps and it % cfg.checkpoint.every_steps == 0) \
-          or preemption.requested:
-        ckpt.save(it, state, train_iter.get_state(), meta, force=preemption.requested)
+      if (cfg.checkpoint.every_steps and it % cfg.checkpoint.every_steps == 0) or preempted:
+        ckpt.save(it, state, train_iter.get_state(), meta, force=preempted)
         offline._test_fault_injection(it, ckpt)
-      if preemption.requested:
+      if preempted:
         ckpt.close()
         print(f"SIGTERM: saved iteration {it} to {ckpt.directory}; exiting cleanly", flush=True)
         return {"preempted_at": it, "workdir": workdir}

@@ -12,6 +12,12 @@ steps that ends when every row has stopped (EOS / stop sequence) or at `max_new_
 - Sampling log-probs are those of the temperature-scaled FULL softmax (soft-cap first, then
   / temperature, before top-k / top-p filtering): the trainer's `ForwardSpec(temperature=...)`
   log-probs of the same tokens, so importance ratios start at 1.
+- With a mesh, the rows are padded to a multiple of the data-parallel devices, so the batch is
+  split over them rather than replicated. Several processes (`jax.distributed`): each passes its
+  own rows (the same number on every process) and gets its own rows back; the global batch is the
+  processes' rows in process order, and the prompt bucket is the widest over all processes.
+  Random draws depend on a row's global position (threefry is partitionable), so a run samples
+  the same tokens with 1 process x 8 devices as with 2 x 4.
 
 Einsum legend: B batch, T prompt slots (the bucket), N max_new_tokens, S cache slots, D d_model,
 V vocabulary, M longest stop sequence.
@@ -27,6 +33,7 @@ import numpy as np
 
 from jpost import models
 from jpost.models import decoder
+from jpost.rl import multihost
 from jpost.train import sharding
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -202,10 +209,40 @@ def _generate_traced(model_cfg, sc, lm_params, prompt_BT, lengths_B, rng):
   return {k: state[k] for k in ("tokens", "logps", "lengths", "stopped")}
 
 
+def _row_shardings(mesh, rules, batch_size, width):
+  """Placement of a [B, width] and a [B] array (B = the global batch): rows over the logical
+  'batch' axes (a mesh axis that does not divide B is dropped: replicated)."""
+  shapes = (jax.ShapeDtypeStruct((batch_size, width), jnp.int32),
+            jax.ShapeDtypeStruct((batch_size,), jnp.int32))
+  return sharding.logical_to_sharding((("batch", "length"), ("batch",)), mesh, rules,
+                                      shapes=shapes)
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(model_cfg, sc, batch_size, bucket, mesh, rules):
-  del batch_size, bucket, mesh   # key the cache: one compiled program per shape and placement
-  return jax.jit(functools.partial(_generate, model_cfg, sc, rules))
+  """One compiled program per shape and placement. With a mesh, every output keeps the prompt's
+  row placement, so each process finds its own rows among its local shards."""
+  fn = functools.partial(_generate, model_cfg, sc, rules)
+  if mesh is None:
+    return jax.jit(fn)
+  rows_N, rows = _row_shardings(mesh, rules, batch_size, sc.max_new_tokens)
+  return jax.jit(fn, out_shardings={"tokens": rows_N, "logps": rows_N, "lengths": rows,
+                                    "stopped": rows})
+
+
+def rows_multiple(mesh, rules=None) -> int:
+  """What each process's row count must be a multiple of for the batch to split over the mesh's
+  data-parallel devices (the logical 'batch' axes): their number / process_count."""
+  rules = _context_rules(mesh, rules)
+  axes = sharding.logical_to_spec(("batch",), rules)[0]
+  axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  devices = int(np.prod([mesh.shape[a] for a in axes]))
+  processes = jax.process_count()
+  if devices % processes:
+    raise ValueError(f"sampler: the batch axes {axes} of mesh {dict(mesh.shape)} span {devices} "
+                     f"device(s), not a multiple of the {processes} processes: each process's "
+                     f"devices must hold a block of rows of their own")
+  return devices // processes
 
 
 def _context_rules(mesh, rules):
@@ -220,10 +257,16 @@ def make_generate_fn(model_cfg, sc: SamplingConfig, batch: int, bucket: int, *, 
 
   The jitted program is cached on its arguments, so calling this again is cheap. With a mesh,
   the prompt batch is placed over (data, fsdp) and the cache sharded by the logical rules
-  (`sharding.default_rules()` unless given); params keep whatever sharding they have.
+  (`sharding.default_rules()` unless given); params keep whatever sharding they have. `batch`
+  counts this process's rows: with several processes the program runs on the global batch of
+  all processes' rows (`jax.make_array_from_process_local_data`) and returns global arrays.
   """
   rules = _context_rules(mesh, rules)
-  jitted = _jitted(model_cfg, sc, int(batch), int(bucket), mesh, rules)
+  if mesh is None and jax.process_count() > 1:
+    raise ValueError(f"generate: {jax.process_count()} processes need the mesh (their rows form "
+                     "one global batch)")
+  global_batch = int(batch) * jax.process_count()
+  jitted = _jitted(model_cfg, sc, global_batch, int(bucket), mesh, rules)
 
   def run(lm_params, prompt_BT, lengths_B, rng):
     prompt_BT = np.asarray(prompt_BT, np.int32)
@@ -234,9 +277,9 @@ def make_generate_fn(model_cfg, sc: SamplingConfig, batch: int, bucket: int, *, 
     context = contextlib.nullcontext()
     if mesh is not None:
       context = sharding.axis_rules(rules, mesh)
-      place = sharding.logical_to_sharding(
-          (("batch", "length"), ("batch",)), mesh, rules, shapes=(prompt_BT, lengths_B))
-      prompt_BT, lengths_B = jax.device_put((prompt_BT, lengths_B), place)
+      place = _row_shardings(mesh, rules, global_batch, bucket)
+      prompt_BT = multihost.place_rows(prompt_BT, place[0])
+      lengths_B = multihost.place_rows(lengths_B, place[1])
     with context:
       return jitted(lm_params, prompt_BT, lengths_B, rng)
 
@@ -253,6 +296,8 @@ def generate(model_cfg, lm_params, prompt_tokens_BP, prompt_lengths_B, rng, sc: 
   (log-prob under softmax(softcap(logits) / temperature), temperature 1 when greedy; 0 after
   stop), lengths [B] int32 (generated tokens, EOS / stop tokens included), stopped [B] bool
   (True: EOS or stop sequence; False: cut at max_new_tokens). Deterministic given `rng`.
+  Several processes: each passes and gets back its own rows; a mesh is required (module
+  docstring).
   """
   prompt_BP = np.asarray(prompt_tokens_BP, np.int32)
   lengths_B = np.asarray(prompt_lengths_B, np.int32)
@@ -263,13 +308,23 @@ def generate(model_cfg, lm_params, prompt_tokens_BP, prompt_lengths_B, rng, sc: 
   if lengths_B.size and (lengths_B.min() < 0 or lengths_B.max() > p):
     raise ValueError(f"generate: prompt lengths must be in [0, {p}], got {lengths_B.min()}.."
                      f"{lengths_B.max()}")
-  # The bucket follows the longest real prompt, not the array width: extra left padding is free.
-  width = max(int(lengths_B.max(initial=0)), 1)
+  # The bucket follows the longest real prompt (of any process: one program for all), not the
+  # array width: extra left padding is free.
+  width = int(multihost.gather(np.int32(max(int(lengths_B.max(initial=0)), 1))).max())
   bucket = bucket_width(width, sc.prompt_buckets)
-  prompt_BT = np.zeros((b, bucket), np.int32)
+  # Padding rows (length 0) go last, so the random draws of the real rows do not move.
+  multiple = 1 if mesh is None else rows_multiple(mesh, rules)
+  rows = -(-b // multiple) * multiple
+  prompt_BT = np.zeros((rows, bucket), np.int32)
   keep = min(p, bucket)
-  prompt_BT[:, bucket - keep:] = prompt_BP[:, p - keep:]
-  prompt_BT[np.arange(bucket)[None, :] < bucket - lengths_B[:, None]] = 0   # pad is pad
-  fn = make_generate_fn(model_cfg, sc, b, bucket, mesh=mesh, rules=rules)
-  out = fn(lm_params, prompt_BT, lengths_B, rng)
-  return {k: np.asarray(v) for k, v in out.items()}
+  prompt_BT[:b, bucket - keep:] = prompt_BP[:, p - keep:]
+  lengths_R = np.zeros(rows, np.int32)
+  lengths_R[:b] = lengths_B
+  prompt_BT[np.arange(bucket)[None, :] < bucket - lengths_R[:, None]] = 0   # pad is pad
+  fn = make_generate_fn(model_cfg, sc, rows, bucket, mesh=mesh, rules=rules)
+  out = fn(lm_params, prompt_BT, lengths_R, rng)
+  own = multihost.own_rows(out["tokens"])
+  if own.stop - own.start != rows:
+    raise ValueError(f"generate: process {jax.process_index()} holds rows {own} of the global "
+                     f"batch, not {rows} rows of its own (mesh {dict(mesh.shape)})")
+  return {k: multihost.local_rows(v, own)[:b] for k, v in out.items()}

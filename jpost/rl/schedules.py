@@ -80,10 +80,18 @@ def sample_prefix_lengths(rng: np.random.Generator, demo_lengths, low, high, num
 
   At most L - 1, so at least one demonstration token is left for the model to generate.
   """
+  return prefix_lengths(rng.uniform(low, high, size=(np.size(demo_lengths), num)), demo_lengths)
+
+
+def prefix_lengths(u, demo_lengths):
+  """floor(u * L) for draws u [len(demo_lengths), num] in [0, 1], at most L - 1."""
   demo_lengths = np.asarray(demo_lengths, np.int64)
   if np.any(demo_lengths < 1):
-    raise ValueError("sample_prefix_lengths: every demonstration needs at least one token")
-  u = rng.uniform(low, high, size=(demo_lengths.size, num))
+    raise ValueError("prefix_lengths: every demonstration needs at least one token")
+  u = np.asarray(u, np.float64)
+  if u.shape[:1] != demo_lengths.shape:
+    raise ValueError(f"prefix_lengths: {u.shape[0]} rows of draws for {demo_lengths.size} "
+                     "demonstrations")
   k = np.floor(u * demo_lengths[:, None]).astype(np.int64)
   return np.clip(k, 0, demo_lengths[:, None] - 1)
 

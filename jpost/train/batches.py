@@ -32,7 +32,7 @@ def to_device(batch, mesh, batch_axis=None):
                        f"divisible across {dp} data-parallel devices")
     sharding = NamedSharding(mesh, P(*spec))
     global_shape = list(x.shape)
-    if axis is not None and spec[axis] is not None:
+    if axis is not None and x.ndim > axis and spec[axis] is not None:   # scalars: replicated
       global_shape[axis] *= jax.process_count()
     out[name] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
   return out

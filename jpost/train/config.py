@@ -9,7 +9,9 @@ import json
 import os
 
 import ml_collections
+from etils import epath
 
+from jpost.adapters import lora as lora_adapters
 from jpost.data import config as data_config
 from jpost.losses import registry
 from jpost.train import optim
@@ -36,9 +38,27 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
   c.model = dict(
       name="tiny",              # a named ModelConfig (jpost.models.get_model_config)
       init="random",            # random | hf:PATH | ckpt:PATH (a jpost workdir or checkpoint dir)
-      dtype="float32",          # compute dtype
-      param_dtype="float32",    # master weights
+      # Precision policy. `dtype` is the compute dtype (activations, matmul inputs); weights are
+      # stored in `param_dtype` and cast to `dtype` where used, and the optimiser state (Adam
+      # moments) follows `param_dtype`; gradients are accumulated in float32 and norms, softmax,
+      # log-probs and losses run in float32 either way. Policies:
+      #   float32 / float32    the recipes' default: their recorded numbers are float32 runs, and
+      #                        CPU bf16 matmuls are slower than float32 ones;
+      #   bfloat16 / float32   mixed precision for accelerators (scripts/bench_step.py's default):
+      #                        bf16 matmuls, float32 master weights and optimiser state;
+      #   bfloat16 / bfloat16  bf16 params and optimiser state: half the memory, but updates
+      #                        smaller than a weight's bf16 spacing (~|w| / 256) are lost.
+      dtype="float32",          # compute dtype: float32 | bfloat16 | float16
+      param_dtype="float32",    # master weights and optimiser state
+      # Activation checkpointing of each scanned layer: none | full (recompute the whole layer
+      # in the backward pass) | dots (save matmul outputs) | dots_no_batch (save only matmul
+      # outputs without batch dims, i.e. weight-like ones).
       remat="none",
+      # Full-sequence attention: auto (jax.nn.dot_product_attention; the explicit path when
+      # soft-capped) | xla (explicit path) | cudnn (cuDNN flash attention; GPU, bf16, no
+      # soft-cap) | splash (Pallas splash kernel; TPU, no sliding window). A kernel the backend
+      # lacks is an error, not a fallback; KV-cache decode steps always use the XLA path.
+      attention="auto",
   )
   c.objective = obj.default_config().to_dict()
   c.objective.name = objective
@@ -58,6 +78,9 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
       sft_weight_decay=0.0,
   )
   c.optim = optim.default_config()
+  # LoRA / QLoRA (jpost/adapters/lora.py): rank 0 = full fine-tuning; validated at the start of
+  # a run. The SFT warm start (warm_start.sft_steps) always trains full weights.
+  c.lora = lora_adapters.default_config()
   c.eval = dict(every_steps=50, batch_size=32, max_batches=0)   # 0 = the whole held-out split
   c.checkpoint = dict(every_steps=100, keep=2, async_save=True)
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
@@ -69,7 +92,7 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
     c.rl = rl_config()
     c.eval.num_samples = 4      # pass@k on held-out prompts: k samples at rl.temperature
   c.export = dict(hf_dir="")    # write HF safetensors here at the end of training
-  c.log = dict(tensorboard=True)
+  c.log = dict(tensorboard=True, plot=True)   # plot: metrics.png at the end (process 0)
   return c
 
 
@@ -133,7 +156,6 @@ def preference_recipe(c: ml_collections.ConfigDict, *, steps=150, lr=1e-4, sft_s
 
 
 def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-  return path
+  path = epath.Path(workdir) / "config.json"   # local or gs://
+  path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+  return os.fspath(path)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jpost import models
+from jpost.adapters import lora
 from jpost.models import heads
 from jpost.ops import lm_head
 
@@ -27,6 +28,7 @@ class ForwardSpec:
   head: str = "lm"            # 'lm' | 'reward'
   impl: str = "auto"          # token_logprobs implementation
   temperature: float = 1.0
+  lora: Any = None            # jpost.adapters.lora.LoraSpec when params carry 'lora' adapters
 
 
 def hidden(model_cfg, lm_params, batch, prefix=""):
@@ -41,10 +43,31 @@ def _token_logps(spec, lm_params, h_BTD, batch, prefix="", with_entropy=False):
       temperature=spec.temperature, with_entropy=with_entropy, impl=spec.impl)
 
 
-def compute_logps(spec: ForwardSpec, params, ref_params, batch):
-  """Returns the `logps` dict of docs/architecture.md for one micro-batch."""
+def policy_lm(spec: ForwardSpec, params, rng=None):
+  """The policy's decoder params: `params['lm']`, with the LoRA adapters attached when params
+  has 'lora' (`rng`: this micro-batch's dropout key; None = no dropout)."""
+  if "lora" not in params:
+    return params["lm"]
+  if spec.lora is None:
+    raise ValueError("params hold LoRA adapters but ForwardSpec.lora is None")
+  return lora.attach(params["lm"], params["lora"], spec.lora, rng)
+
+
+def reference_lm(params, ref_params):
+  """The frozen reference: `ref_params['lm']`, or with LoRA and no ref_params the base itself
+  (adapters off), so the reference costs no second copy of the weights."""
+  if ref_params is not None:
+    return jax.lax.stop_gradient(ref_params["lm"])
+  if "lora" in params:
+    return jax.lax.stop_gradient(params["lm"])
+  raise ValueError("this objective needs the reference model, but ref_params is None")
+
+
+def compute_logps(spec: ForwardSpec, params, ref_params, batch, rng=None):
+  """Returns the `logps` dict of docs/architecture.md for one micro-batch (`rng`: LoRA dropout
+  in training steps)."""
   cfg = spec.model_cfg
-  lm = params["lm"]
+  lm = policy_lm(spec, params, rng)
   logps = {}
   h_BTD = hidden(cfg, lm, batch)
   if spec.head == "reward":
@@ -61,7 +84,7 @@ def compute_logps(spec: ForwardSpec, params, ref_params, batch):
   if spec.needs_ref and "ref_seq_logp" in batch:
     logps["ref_seq"] = batch["ref_seq_logp"]
   elif spec.needs_ref or spec.needs_kl:
-    ref_lm = jax.lax.stop_gradient(ref_params["lm"])
+    ref_lm = reference_lm(params, ref_params)
     h_ref = hidden(cfg, ref_lm, batch)
     if spec.needs_ref:
       logps["ref"], _ = _token_logps(spec, ref_lm, h_ref, batch)
@@ -74,7 +97,7 @@ def compute_logps(spec: ForwardSpec, params, ref_params, batch):
   if spec.needs_mismatch:
     h_mm = hidden(cfg, lm, batch, prefix="mismatch_")
     logps["mismatch_policy"], _ = _token_logps(spec, lm, h_mm, batch, prefix="mismatch_")
-    ref_lm = jax.lax.stop_gradient(ref_params["lm"])
+    ref_lm = reference_lm(params, ref_params)
     h_mm_ref = hidden(cfg, ref_lm, batch, prefix="mismatch_")
     logps["mismatch_ref"], _ = _token_logps(spec, ref_lm, h_mm_ref, batch, prefix="mismatch_")
   return logps

@@ -4,17 +4,21 @@ Sections: set-up -> model and state -> data -> resume -> steps (with eval, check
 step late, SIGTERM handling) -> final eval, export, summary.
 """
 import dataclasses
+import json
 import logging
 import os
 import signal
+import time
 
 import jax
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from jpost import data as jdata
 from jpost import models
+from jpost.adapters import lora as lora_adapters
 from jpost.checkpoints import train_ckpt
 from jpost.losses import registry
 from jpost.models import heads
@@ -23,7 +27,6 @@ from jpost.train import config as tconfig
 from jpost.train import forward
 from jpost.train import metrics as tmetrics
 from jpost.train import optim
-from jpost.train import plot
 from jpost.train import ref_cache
 from jpost.train import sharding
 from jpost.train import step as tstep
@@ -37,10 +40,23 @@ class TrainingAborted(RuntimeError):
 
 @dataclasses.dataclass
 class _Preemption:
-  """SIGTERM sets the flag; the loop saves at the next step boundary and returns."""
+  """SIGTERM -> every process saves the same step and returns; call `check(step)` once per step.
+
+  One process: a Python handler sets `requested`, honoured at the next step boundary.
+  Several processes: SIGTERM may reach one of them, or each at a different step, and a process
+  that stops alone leaves the others blocked in their next collective. JAX's preemption service
+  (started by `jax.distributed.initialize`) catches SIGTERM, spreads the notice through the
+  coordination service and picks the step after the furthest any process had reached;
+  `reached_preemption_sync_point(step)` turns True at that step on every process. It costs no
+  collective per step (an all-reduce of a local flag would block the host on the device every
+  step, or, every k steps, delay the save by up to k steps). A Python handler would replace
+  JAX's C++ one, so none is installed then.
+  """
   requested: bool = False
 
   def install(self):
+    if jax.process_count() > 1:
+      return
     def handler(signum, frame):
       del signum, frame
       self.requested = True
@@ -48,6 +64,13 @@ class _Preemption:
       signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. inside a test runner thread)
       pass
+
+  def check(self, step: int) -> bool:
+    """Whether to save at `step` and stop; every process must call it at every step."""
+    if jax.process_count() > 1 and not self.requested:
+      from jax.experimental import multihost_utils
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +84,8 @@ def _model_config(cfg, tokenizer):
   else:
     model_cfg = models.get_model_config(cfg.model.name)
   model_cfg = dataclasses.replace(model_cfg, dtype=cfg.model.dtype,
-                                  param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+                                  param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                                  attention_impl=cfg.model.attention)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model {cfg.model.name!r} "
                      f"has vocab_size {model_cfg.vocab_size}")
@@ -70,13 +94,20 @@ def _model_config(cfg, tokenizer):
 
 def _initial_params(cfg, model_cfg, objective, mesh, param_shardings):
   init = cfg.model.init
+  if objective.data_kind == "rl" and cfg.get("lora") and cfg.lora.rank:
+    raise NotImplementedError("lora.rank > 0 with an online RL objective: jpost/rl/loop.py does "
+                              "not attach adapters yet (LoRA runs with the offline objectives)")
   if init == "random":
     lm = jax.jit(lambda key: models.init_params(model_cfg, key),
                  out_shardings=param_shardings["lm"])(jax.random.PRNGKey(cfg.train.seed))
   elif init.startswith("hf:"):
     _, lm = models.load_hf(init[3:], dtype=cfg.model.param_dtype, mesh=mesh)
   elif init.startswith("ckpt:"):
-    lm = jax.device_put(train_ckpt.load_params(init[5:])["lm"], param_shardings["lm"])
+    loaded = train_ckpt.load_params(init[5:])
+    if "lora" in loaded:
+      raise ValueError(f"model.init={init!r} holds LoRA adapters over a frozen base: export it "
+                       "with scripts/export_hf.py --adapters=merged and use model.init=hf:DIR")
+    lm = jax.device_put(loaded["lm"], param_shardings["lm"])
   else:
     raise ValueError(f"model.init={init!r}: expected 'random', 'hf:PATH' or 'ckpt:PATH'")
   params = {"lm": lm}
@@ -102,7 +133,8 @@ def _param_shapes(model_cfg, objective):
 
 def _state_shardings(abstract_state, param_shardings, optimizer, mesh):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state,
+                              tstep.trainable(param_shardings),
                               transform_non_params=lambda _: replicated)
   rest = jax.tree.map(lambda _: replicated, abstract_state)
   return rest.replace(params=param_shardings, opt_state=opt)
@@ -126,7 +158,7 @@ def _warm_start(cfg, workdir):
                    warmup_steps=min(20, cfg.warm_start.sft_steps // 10))
   sub.eval.update(every_steps=cfg.warm_start.sft_steps, batch_size=cfg.eval.batch_size)
   sub.checkpoint.update(every_steps=cfg.warm_start.sft_steps, keep=1)
-  sub_dir = os.path.join(workdir, "warm_start_sft")
+  sub_dir = os.fspath(epath.Path(workdir) / "warm_start_sft")
   print(f"== warm start: {cfg.warm_start.sft_steps} SFT steps on the chosen completions "
         f"-> {sub_dir}", flush=True)
   run(sub, sub_dir, _summary=False)
@@ -135,8 +167,10 @@ def _warm_start(cfg, workdir):
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) -> dict:
   # --- Set-up -------------------------------------------------------------------------------
-  os.makedirs(workdir, exist_ok=True)
+  # Every file of the run goes through etils.epath, so the workdir may be gs://bucket/run.
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
+  lora_spec = lora_adapters.spec_from_config(cfg.lora, cfg.model.param_dtype)   # None: rank 0
   if cfg.warm_start.sft_steps > 0 and cfg.model.init == "random":
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.model.init = _warm_start(cfg, workdir)
@@ -151,7 +185,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
   model_cfg = _model_config(cfg, tokenizer)
   if is_main:
     tconfig.save_config(cfg, workdir)
-    models.write_model_config_json(model_cfg, os.path.join(workdir, "model_config.json"))
+    # What models.write_model_config_json writes, through epath (it opens local paths only).
+    (epath.Path(workdir) / "model_config.json").write_text(
+        json.dumps(dataclasses.asdict(model_cfg), indent=2, sort_keys=True))
   steps = cfg.train.steps
   if cfg.train.batch_size % cfg.train.grad_accum:
     raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
@@ -162,11 +198,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     param_shardings = sharding.logical_to_sharding(
         _logical_axes(model_cfg, objective), mesh, rules, shapes=_param_shapes(model_cfg, objective))
     params = _initial_params(cfg, model_cfg, objective, mesh, param_shardings)
+    axes = _logical_axes(model_cfg, objective)
+    if lora_spec is not None:
+      # A frozen (maybe quantised) base plus trainable adapters: jpost/adapters/lora.py.
+      params, axes, param_shardings = lora_adapters.add_adapters(
+          params, axes, lora_spec, model_cfg, mesh, rules, jax.random.PRNGKey(cfg.train.seed + 1))
     optimizer = optim.make_optimizer(cfg.optim, steps,
-                                     mask=optim.decay_mask(_logical_axes(model_cfg, objective)))
+                                     mask=optim.decay_mask(tstep.trainable(axes)))
     schedule = optim.make_schedule(cfg.optim, steps)
     needs_ref = objective.needs_ref or objective.needs_kl or objective.needs_mismatch
-    ref_params = {"lm": jax.tree.map(lambda x: x.copy(), params["lm"])} if needs_ref else None
+    # With LoRA the reference is the base itself (params['lm'], adapters off): no copy.
+    ref_params = ({"lm": jax.tree.map(lambda x: x.copy(), params["lm"])}
+                  if needs_ref and lora_spec is None else None)
     init_fn = lambda p: tstep.init_state(p, optimizer, cfg.train.seed,
                                          objective.init_objective_state())
     abstract = jax.eval_shape(init_fn, params)
@@ -177,7 +220,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     spec = forward.ForwardSpec(model_cfg=model_cfg, needs_ref=objective.needs_ref,
                                needs_entropy=objective.needs_entropy, needs_kl=objective.needs_kl,
                                needs_mismatch=objective.needs_mismatch, head=objective.head,
-                               impl=cfg.ops.impl)
+                               impl=cfg.ops.impl, lora=lora_spec)
     loss_cfg = cfg.objective
     train_step = jax.jit(
         tstep.make_train_step(spec, objective.fn, loss_cfg, objective.denom_unit, optimizer,
@@ -191,21 +234,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     train_iter = jdata.make_train_iterator(
         cfg.data, objective.data_kind, tokenizer, batch_size=cfg.train.batch_size // cfg.train.grad_accum,
         seed=cfg.train.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    eval_batches = jdata.make_eval_batches(cfg.data, objective.data_kind, tokenizer,
-                                           batch_size=cfg.eval.batch_size)
-    if cfg.eval.max_batches:
-      eval_batches = eval_batches[:cfg.eval.max_batches]
-    eval_batches = tbatches.with_eval_denominators(eval_batches, objective.denom_unit)
+    eval_batches = _eval_batches(cfg, objective, tokenizer)
     with_ref = lambda batch: batch
     if precompute_ref:
       # S_ref per example from a one-time pass (cached under the workdir); the step then reads
       # `ref_seq_logp` and never runs the reference, so its params are released here.
-      with_ref, eval_batches = ref_cache.setup(cfg, model_cfg, workdir, ref_params,
+      with_ref, eval_batches = ref_cache.setup(cfg, model_cfg, workdir,
+                                               ref_params or {"lm": state.params["lm"]},
                                                train_iter.store, eval_batches, mesh)
       ref_params = None
 
     # --- Resume ----------------------------------------------------------------------------------
-    ckpt = train_ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+    ckpt = train_ckpt.Checkpointer(epath.Path(workdir) / "checkpoints", keep=cfg.checkpoint.keep,
                                    async_save=cfg.checkpoint.async_save)
     meta = {"objective": cfg.objective.name, "model": dataclasses.asdict(model_cfg).__repr__(),
             "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
@@ -214,7 +254,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
 
     # --- Steps -----------------------------------------------------------------------------------
     writer = tmetrics.MetricsWriter(workdir, is_main=is_main, tensorboard=cfg.log.tensorboard)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params["lm"]))
+    n_params = sum(x.size for x in jax.tree.leaves(models.param_shapes(model_cfg)))
     progress = tmetrics.Progress(steps, tmetrics.train_flops_per_token(
         model_cfg, cfg.data.max_len, n_params), jax.device_count())
     preemption = _Preemption()
@@ -226,7 +266,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     def evaluate(step):
       totals = {}
       for b in eval_batches:
-        m = eval_step(state.params, ref_params, tbatches.to_device(b, mesh),
+        m = eval_step(state.params, ref_params, tbatches.to_device(b, mesh, batch_axis=0),
                       state.objective_state)
         for k, v in m.items():
           totals[k] = totals.get(k, 0.0) + v
@@ -238,6 +278,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       return out
 
     def save(step, force=False):
+      writer.flush()   # metrics.jsonl never behind a checkpoint (matters for remote workdirs)
       ckpt.save(step, state, train_iter.get_state(), meta, force=force)
 
     first_eval = evaluate(start) if start == 0 and eval_batches else {}
@@ -249,14 +290,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     for step in range(start + 1, steps + 1):
       host_batch = tbatches.stack([with_ref(next(train_iter))
                                    for _ in range(cfg.train.grad_accum)])
-      window_tokens += int(np.count_nonzero(host_batch["segment_ids"])) * jax.process_count()
       state, metrics = train_step(state, ref_params, tbatches.to_device(host_batch, mesh))
       if pending is not None:
         window_tokens = _check_and_log(pending, cfg, writer, progress, window_tokens)
+      # Counted after the previous step's line, so each line reports its own steps' tokens.
+      window_tokens += int(np.count_nonzero(host_batch["segment_ids"])) * jax.process_count()
       pending = (step, metrics)
+      _test_fault_injection(step, ckpt, after_save=False)
+      preempted = preemption.check(step)
       do_eval = cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and eval_batches
       do_save = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) \
-          or preemption.requested
+          or preempted
       if do_eval or do_save:
         # Flush this step's metrics first so a checkpoint never gets ahead of metrics.jsonl.
         window_tokens = _check_and_log(pending, cfg, writer, progress, window_tokens, force=True)
@@ -264,9 +308,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       if do_eval:
         last_eval = evaluate(step)
       if do_save:
-        save(step, force=preemption.requested)
+        save(step, force=preempted)
         _test_fault_injection(step, ckpt)
-      if preemption.requested:
+      if preempted:
         ckpt.close()
         print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting cleanly", flush=True)
         return {"preempted_at": step, "workdir": workdir}
@@ -282,6 +326,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     return dict(summary, first_eval=first_eval, last_eval=last_eval, steps=step)
 
 
+def _eval_batches(cfg, objective, tokenizer):
+  """This process's rows of each eval batch, with the denominators of the whole eval set.
+
+  Like training batches, each process builds its slice of every global batch, so the eval work is
+  split across processes, not repeated (a full copy per process would be counted P times).
+  """
+  batches = jdata.make_eval_batches(cfg.data, objective.data_kind, tokenizer,
+                                    batch_size=cfg.eval.batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  if cfg.eval.max_batches:
+    batches = batches[:cfg.eval.max_batches]
+  if jax.process_count() == 1 or not batches:   # every process has the same number of batches
+    return tbatches.with_eval_denominators(batches, objective.denom_unit)
+  # What with_eval_denominators computes, summed over the processes' slices.
+  from jax.experimental import multihost_utils
+  local = np.array([sum(float(np.sum(b["loss_mask"])) for b in batches),
+                    sum(float(np.sum(b["example_valid"])) for b in batches)], np.float32)
+  tokens, examples = np.asarray(multihost_utils.process_allgather(local), np.float64).reshape(
+      -1, 2).sum(0)
+  if objective.denom_unit == "pairs":
+    examples /= 2
+  return [dict(b, denom_tokens=np.float32(max(tokens, 1.0)),
+               denom_examples=np.float32(max(examples, 1.0))) for b in batches]
+
+
 def resume(ckpt, state, abstract, state_shardings, meta, train_iter):
   """Restores the latest checkpoint, if any, into the state's shardings -> (state, start step)."""
   latest = ckpt.latest_step()
@@ -289,9 +359,14 @@ def resume(ckpt, state, abstract, state_shardings, meta, train_iter):
     return state, 0
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-  state, data_state, _ = ckpt.restore(latest, abstract_sharded, meta)
-  train_iter.set_state(data_state)
-  print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+  state, data_states, _ = ckpt.restore(latest, abstract_sharded, meta)
+  try:
+    train_iter.set_state_from_processes(data_states)
+  except ValueError as e:
+    raise train_ckpt.IncompatibleCheckpoint(f"{ckpt.directory}/{latest}: {e}") from e
+  print(f"resumed from {ckpt.directory}/{latest}"
+        + (f" (saved by {len(data_states)} processes, now {jax.process_count()})"
+           if len(data_states) != jax.process_count() else ""), flush=True)
   return state, latest
 
 
@@ -300,31 +375,56 @@ def finish(cfg, workdir, model_cfg, state, ckpt, writer, *, verbose=True) -> dic
   is_main = jax.process_index() == 0
   ckpt.close()
   writer.close()
-  if cfg.export.hf_dir and is_main:
-    models.save_hf(model_cfg, jax.device_get(state.params["lm"]), cfg.export.hf_dir)
-  plot_path = plot.plot_metrics(writer.path) if is_main and os.path.exists(writer.path) else None
+  if cfg.export.hf_dir:
+    params = _host_params(state.params)   # a collective: every process takes part
+    if is_main:
+      models.save_hf(model_cfg, lora_adapters.export_lm(params, cfg.get("lora"), model_cfg),
+                     cfg.export.hf_dir)
+  plot_path = None
+  if is_main and cfg.log.plot and writer.path.exists():
+    from jpost.train import plot   # matplotlib: ~1 s of imports, paid only when plotting
+    plot_path = plot.plot_metrics(writer.path)
   if verbose and is_main:
     print(f"metrics:     {writer.path}\nplot:        {plot_path}\ncheckpoints: {ckpt.directory}"
           + (f"\nHF export:   {cfg.export.hf_dir}" if cfg.export.hf_dir else ""), flush=True)
-  return {"workdir": workdir, "metrics": writer.path, "plot": plot_path,
+  return {"workdir": workdir, "metrics": os.fspath(writer.path), "plot": plot_path,
           "checkpoints": ckpt.directory}
 
 
-def _test_fault_injection(step, ckpt):
-  """Fault injection for the resume tests: JPOST_TEST_FAULT=kill_after_save:N|kill_during_save:N.
+def _host_params(params):
+  """The full params as host numpy arrays; with several processes each holds only its shards, so
+  they are all-gathered (every process ends up with a copy)."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(params, tiled=True)
 
-  SIGKILL leaves no chance to clean up, exactly like a preempted VM or an OOM kill.
+
+def _test_fault_injection(step, ckpt, *, after_save=True):
+  """Fault injection for the resume tests, JPOST_TEST_FAULT=KIND:STEP:
+
+  kill_after_save / kill_during_save (called after the save of STEP): SIGKILL, which leaves no
+  chance to clean up, exactly like a preempted VM or an OOM kill. sigterm (called after STEP's
+  train step): SIGTERM to this process alone, then a pause that lets JAX's preemption service
+  spread the notice (it takes ~0.6 s on CPU) while the other processes wait in the next step's
+  collectives, so the agreed step falls within a short test run; the protocol does not depend on
+  the pause.
   """
   spec = os.environ.get("JPOST_TEST_FAULT")
   if not spec:
     return
   kind, at = spec.split(":")
-  if int(at) != step:
+  if kind not in ("kill_after_save", "kill_during_save", "sigterm"):
+    raise ValueError(f"JPOST_TEST_FAULT={spec!r}")
+  if int(at) != step or (kind == "sigterm") == after_save:
+    return
+  if kind == "sigterm":
+    os.kill(os.getpid(), signal.SIGTERM)
+    if jax.process_count() > 1:
+      time.sleep(2)
     return
   if kind == "kill_after_save":
     ckpt.wait()
-  elif kind != "kill_during_save":
-    raise ValueError(f"JPOST_TEST_FAULT={spec!r}")
   os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -1,4 +1,4 @@
-"""Metrics out of the loop: JSONL (always), TensorBoard (process 0), a progress line, MFU."""
+"""Metrics out of the loop: JSONL and TensorBoard (process 0), a progress line, MFU."""
 import json
 import math
 import os
@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 # Dense bf16 peak FLOP/s per device kind (vendor figures); unknown kinds report no MFU.
 PEAK_FLOPS = {
@@ -35,15 +36,28 @@ def train_flops_per_token(model_cfg, seq_len: int, n_params: int) -> float:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to <workdir>/metrics.jsonl (+ TensorBoard)."""
+  """One JSON object per logged step in <workdir>/metrics.jsonl (+ TensorBoard); process 0 only.
 
-  def __init__(self, workdir: str, *, is_main: bool, tensorboard: bool = True):
+  The workdir may be local or an object store (`gs://...`, through `etils.epath`). Object stores
+  cannot append, so there the rows are kept in memory and the whole file is rewritten at most
+  every `remote_flush_s` seconds, at `flush()` (the loop flushes before each checkpoint) and at
+  `close()`; a resumed run first reads back the rows already written. Local files get each row
+  appended at once.
+  """
+
+  def __init__(self, workdir, *, is_main: bool, tensorboard: bool = True,
+               remote_flush_s: float = 60.0):
     self.is_main = is_main
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._remote = is_remote(self.path)
+    self._remote_flush_s = remote_flush_s
+    self._lines, self._dirty, self._flushed_at = [], False, time.monotonic()
+    if is_main and self._remote and self.path.exists():
+      self._lines = self.path.read_text().splitlines(keepends=True)
     self._tb = None
     if is_main and tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: optional at run time
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tb"))
 
   def write(self, step: int, metrics: dict):
     if not self.is_main:
@@ -54,12 +68,33 @@ class MetricsWriter:
       row[k] = v if math.isfinite(v) else str(v)
       if self._tb is not None and math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if not self._remote:
+      with self.path.open("a") as f:
+        f.write(line)
+      return
+    self._lines.append(line)
+    self._dirty = True
+    if time.monotonic() - self._flushed_at >= self._remote_flush_s:
+      self.flush()
+
+  def flush(self):
+    """Makes every row written so far visible in the file (remote: rewrites it)."""
+    if self._tb is not None:
+      self._tb.flush()
+    if self.is_main and self._remote and self._dirty:
+      self.path.write_text("".join(self._lines))
+      self._dirty, self._flushed_at = False, time.monotonic()
 
   def close(self):
+    self.flush()
     if self._tb is not None:
       self._tb.close()
+
+
+def is_remote(path) -> bool:
+  """gs://, s3://, ... (no appends, no atomic rename) rather than a local or mounted path."""
+  return "://" in os.fspath(path)
 
 
 class Progress:

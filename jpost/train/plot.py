@@ -1,8 +1,10 @@
 """metrics.jsonl -> one PNG with a panel per metric group (train/eval curves)."""
+import io
 import json
 import os
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # headless: runs on TPU VMs and CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,7 +17,7 @@ DEFAULT_KEYS = ("train/loss", "eval/loss", "eval/accuracy", "rewards/accuracy",
 
 def read_metrics(path):
   series = {}
-  with open(path) as f:
+  with epath.Path(path).open() as f:   # local or gs:// alike
     for line in f:
       row = json.loads(line)
       for k, v in row.items():
@@ -30,7 +32,7 @@ def plot_metrics(path, out=None, keys=DEFAULT_KEYS):
   """Draws the chosen metrics (those present) to `out` (default: beside the JSONL)."""
   series = read_metrics(path)
   keys = [k for k in keys if k in series] or sorted(series)[:8]
-  out = out or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.png")
+  out = out or os.fspath(epath.Path(path).parent / "metrics.png")
   cols = min(3, len(keys)) or 1
   rows = -(-len(keys) // cols) or 1
   fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
@@ -43,6 +45,8 @@ def plot_metrics(path, out=None, keys=DEFAULT_KEYS):
   for ax in list(axes.flat)[len(keys):]:
     ax.axis("off")
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  png = io.BytesIO()   # matplotlib writes local files only; epath also writes gs://
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  epath.Path(out).write_bytes(png.getvalue())
   return out

@@ -23,6 +23,7 @@ the set of rows to score changes every epoch). Reference-free objectives (simpo,
 need no reference at all: precompute is a no-op for them.
 """
 import hashlib
+import io
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jpost.data import batching
 from jpost.losses import common
@@ -230,24 +232,31 @@ def _all_processes(flag: bool) -> bool:
 
 
 def _read(path, key, shape):
-  with np.load(path, allow_pickle=False) as f:
+  with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as f:
     if str(f["key"]) != key or f["table"].shape != tuple(shape):
       raise ValueError(f"{path}: not the table for key {key} of shape {shape}")
     return np.asarray(f["table"], np.float32)
 
 
 def _write(path, key, table):
-  """Atomic: a run killed mid-write leaves no truncated file under the final name."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{jax.process_index()}.npz"
-  np.savez(tmp, table=table, key=np.asarray(key))
-  os.replace(tmp, path)
+  """Atomic: a run killed mid-write leaves no truncated file under the final name.
+
+  Through etils.epath, so the workdir may be gs:// (a rename there is a copy, but objects only
+  ever appear whole).
+  """
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = io.BytesIO()
+  np.savez(data, table=table, key=np.asarray(key))
+  tmp = path.parent / f"{path.name}.tmp{jax.process_index()}.npz"
+  tmp.write_bytes(data.getvalue())
+  tmp.replace(path)
 
 
 def load_or_compute(path, key, shape, compute, what):
   """The table at `path` when it is there (on every process) and matches; else `compute()`."""
   ok = False
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     try:
       table = _read(path, key, shape)
       ok = True

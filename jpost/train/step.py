@@ -26,9 +26,27 @@ class TrainState:
   nonfinite_streak: jax.Array     # consecutive skips (the loop aborts after a limit)
 
 
+def trainable(tree):
+  """The part of a params-shaped tree (params, grads, axes, shardings) the optimiser updates.
+
+  With LoRA adapters (a 'lora' entry) the base decoder 'lm' is frozen: only the adapters and any
+  head are trained, get gradients and optimiser state. Otherwise everything is trained.
+  """
+  if "lora" in tree:
+    return {k: v for k, v in tree.items() if k != "lm"}
+  return tree
+
+
+def with_trainable(params, new_trainable):
+  """`params` with its trainable part replaced (the frozen base, if any, kept as is)."""
+  if "lora" in params:
+    return dict(new_trainable, lm=params["lm"])
+  return new_trainable
+
+
 def init_state(params, optimizer, seed: int, objective_state=None) -> TrainState:
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable(params)),
       rng=jax.random.PRNGKey(seed), objective_state=objective_state or {},
       skipped_steps=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
 
@@ -63,10 +81,16 @@ def _all_finite(tree):
 def make_train_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, denom_unit: str,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     update_objective_state: Callable | None = None):
-  """Builds `train_step(state, ref_params, batch) -> (state, metrics)` (to be jitted)."""
+  """Builds `train_step(state, ref_params, batch) -> (state, metrics)` (to be jitted).
 
-  def micro_loss(params, ref_params, mb, objective_state):
-    logps = forward.compute_logps(spec, params, ref_params, mb)
+  Gradients are taken w.r.t. `trainable(state.params)` only: with LoRA the frozen base is an
+  input of the loss, never differentiated, and has no optimiser state.
+  """
+  lora_dropout = spec.lora is not None and spec.lora.dropout > 0
+
+  def micro_loss(train_params, params, ref_params, mb, objective_state, rng):
+    params = with_trainable(params, train_params)
+    logps = forward.compute_logps(spec, params, ref_params, mb, rng)
     if update_objective_state is not None:
       mb = dict(mb, objective_state=objective_state)
     loss, metrics = loss_fn(logps, mb, loss_cfg)
@@ -77,13 +101,20 @@ def make_train_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, deno
   def train_step(state: TrainState, ref_params, batch):
     batch = with_global_denominators(batch, denom_unit)
 
-    def accumulate(grads_acc, mb):
-      (loss, metrics), grads = grad_fn(state.params, ref_params, mb, state.objective_state)
+    train_params = trainable(state.params)
+
+    def accumulate(grads_acc, mb_and_rng):
+      mb, rng = mb_and_rng
+      (loss, metrics), grads = grad_fn(train_params, state.params, ref_params, mb,
+                                       state.objective_state, rng)
       grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
       return grads_acc, (loss, metrics)
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, batch)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
+    # LoRA dropout: one key per micro-batch, from the state's rng (which advances every step).
+    rngs = (jax.random.split(jax.random.fold_in(state.rng, 1), batch["loss_mask"].shape[0])
+            if lora_dropout else None)
+    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, (batch, rngs))
     loss = jnp.sum(losses)
     metrics = combine_metrics(metrics)
 
@@ -91,8 +122,8 @@ def make_train_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, deno
     # Non-finite values must not reach the optimiser state (Adam's moments would keep the NaN),
     # so the update is computed on zeroed gradients and then discarded by the select below.
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, train_params)
+    new_train_params = optax.apply_updates(train_params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     objective_state = state.objective_state
     if update_objective_state is not None:
@@ -101,7 +132,7 @@ def make_train_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, deno
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
+        params=with_trainable(state.params, keep(new_train_params, train_params)),
         opt_state=keep(new_opt_state, state.opt_state),
         rng=jax.random.split(state.rng)[0],
         objective_state=objective_state,
@@ -129,14 +160,15 @@ def make_eval_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, with_
   """
 
   def eval_step(params, ref_params, batch, objective_state):
-    logps = forward.compute_logps(spec, params, ref_params, batch)
+    logps = forward.compute_logps(spec, params, ref_params, batch)   # no rng: no dropout
     if objective_state:
       batch = dict(batch, objective_state=objective_state)
     loss, metrics = loss_fn(logps, batch, loss_cfg)
     metrics = dict(metrics, loss=loss)
     if with_greedy:
-      h = forward.hidden(spec.model_cfg, params["lm"], batch)
-      match_BT = forward.greedy_match(spec.model_cfg, params["lm"], h, batch)
+      lm = forward.policy_lm(spec, params)
+      h = forward.hidden(spec.model_cfg, lm, batch)
+      match_BT = forward.greedy_match(spec.model_cfg, lm, h, batch)
       # An example is correct when every one of its loss tokens is the arg-max token.
       miss_BT = (1.0 - match_BT) * batch["loss_mask"]
       misses_S = jax.ops.segment_sum(miss_BT.reshape(-1), batch["seq_index"].reshape(-1),
