@@ -38,8 +38,11 @@ i.e. N - 1 one-token steps. Prefill FLOPs = forward over B x P tokens with the u
 the last position only; a decode step at key count c costs 2 * P_mm + 4 * L * d_attn * c per row.
 
 `--compare=baseline.json` matches rows by configuration, flags every row whose step time (or
-prefill / generate time) grew by more than `--threshold`, and exits with status 1 if any did:
-the step-time regression guard (tests never time anything). `--find_max_batch` searches the
+prefill / generate time) grew by more than `--threshold`, or whose compile time or compiled
+instruction count (`hlo_ops`: flat in depth under scan) grew by more than `--compile_threshold`,
+and exits with status 1 if any did: the regression guard (tests never time anything).
+`--compiler_options` passes XLA options to every compile (recorded in the JSON), e.g. GPU
+scheduler flags to compare. `--find_max_batch` searches the
 largest DPO batch whose compiled plan fits the device (`--memory_gib` overrides the limit), for
 the fused log-prob path (`--impl`) and the naive one (`reference`: [N, V] float32 logits),
 without allocating anything.
@@ -723,7 +726,10 @@ def parse_args(argv):
   args.kinds = kinds
   args.shape_list = [s for s in args.shapes.split(",") if s]
   for shape in args.shape_list:
-    model_config(shape, args)   # unknown shape / dtype / remat / attention: fail before running
+    try:
+      model_config(shape, args)   # unknown shape / dtype / remat / attention: fail before running
+    except ValueError as e:
+      p.error(str(e))
   if args.batch < 1 or args.seq < 2 or args.steps < 1 or args.warmup < 0:
     p.error("--batch >= 1, --seq >= 2, --steps >= 1 and --warmup >= 0")
   return args

@@ -252,7 +252,10 @@ def parse_args(argv):
     p.error("--new_tokens must be >= 2 (the decode rate needs a decode step)")
   args.shape_list = [s for s in args.shapes.split(",") if s]
   for shape in args.shape_list:
-    models.get_model_config(shape)
+    try:
+      models.get_model_config(shape)
+    except ValueError as e:
+      p.error(str(e))
   return args
 
 

@@ -245,7 +245,7 @@ def test_bench_torch_runs_sft_dpo_and_generate_on_tiny(tmp_path):
   np.testing.assert_array_equal(torch_batch["tokens"].numpy(), jax_batch["tokens"][0])
 
 
-@pytest.mark.slow   # three fresh processes (JAX start-up + compiles): ~1 min on 2 shared cores
+@pytest.mark.slow   # three fresh processes (JAX start-up + compiles each): 0.5-4 min on 2 shared cores
 def test_isolated_runs_merge_into_one_json_and_keep_f32_master_weights(tmp_path):
   """The default `--isolate` path: one process per (shape, objective), rows merged into one
   JSON; with bf16 compute the real steps keep float32 params and Adam moments."""
@@ -266,7 +266,7 @@ def test_isolated_runs_merge_into_one_json_and_keep_f32_master_weights(tmp_path)
   assert rows[2]["generate_s"] > 0
 
 
-@pytest.mark.slow   # a dozen compiles of the DPO step at growing batch sizes: ~1 min
+@pytest.mark.slow   # ~20 compiles of the DPO step at growing batch sizes: 1-4.5 min on 2 shared cores
 def test_find_max_batch_fits_more_pairs_on_the_fused_path_than_on_the_naive_one():
   """With a 32k vocabulary the naive path's [N, V] float32 logits dominate the plan, so within
   the same budget the fused log-prob path fits a larger DPO batch."""

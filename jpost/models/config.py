@@ -190,8 +190,8 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 
 def write_model_config_json(cfg: ModelConfig, path: str) -> None:
   """jpost's own description of the model (used to rebuild it from a workdir, e.g. for export)."""
-  with open(path, "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
+  from etils import epath   # local or gs:// workdirs
+  epath.Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
 
 
 def read_model_config_json(path: str) -> ModelConfig:

@@ -27,6 +27,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from jpost import data as jdata
 from jpost import models
@@ -654,7 +655,7 @@ def _value_head_axes():
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) -> dict:
   # --- Set-up -------------------------------------------------------------------------------
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)   # local or gs://
   is_main = jax.process_index() == 0
   if cfg.warm_start.sft_steps > 0 and cfg.model.init == "random":
     cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -671,7 +672,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
   model_cfg = offline._model_config(cfg, tokenizer)
   if is_main:
     tconfig.save_config(cfg, workdir)
-    models.write_model_config_json(model_cfg, os.path.join(workdir, "model_config.json"))
+    models.write_model_config_json(model_cfg, os.fspath(epath.Path(workdir) / "model_config.json"))
   setup = _make_setup(cfg, pg_cfg, model_cfg, tokenizer, mesh)
   if pg_cfg.loss_agg == "seq_mean_token_sum_norm" and pg_cfg.max_completion_len <= 0:
     pg_cfg = ml_collections.ConfigDict(pg_cfg.to_dict())

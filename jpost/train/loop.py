@@ -4,7 +4,6 @@ Sections: set-up -> model and state -> data -> resume -> steps (with eval, check
 step late, SIGTERM handling) -> final eval, export, summary.
 """
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -185,9 +184,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
   model_cfg = _model_config(cfg, tokenizer)
   if is_main:
     tconfig.save_config(cfg, workdir)
-    # What models.write_model_config_json writes, through epath (it opens local paths only).
-    (epath.Path(workdir) / "model_config.json").write_text(
-        json.dumps(dataclasses.asdict(model_cfg), indent=2, sort_keys=True))
+    models.write_model_config_json(model_cfg, os.fspath(epath.Path(workdir) / "model_config.json"))
   steps = cfg.train.steps
   if cfg.train.batch_size % cfg.train.grad_accum:
     raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
