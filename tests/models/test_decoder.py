@@ -2,7 +2,6 @@
 import dataclasses
 import functools
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -129,30 +128,6 @@ def test_remat_policies_keep_values_and_gradients(policy):
   np.testing.assert_allclose(val, base_val, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(base_grad)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-
-
-def test_scan_compile_time_is_flat_in_depth():
-  """16 layers compile in at most 3x the time of 2 (unrolled layers would take ~8x).
-
-  Timed as lower + compile of the same jitted function, min over interleaved tries, in process CPU
-  seconds: on shared CPUs wall time also counts other processes, CPU time counts only the work.
-  """
-  def compile_seconds(num_layers):
-    cfg = dataclasses.replace(TINY, num_layers=num_layers)
-    abstract = models.param_shapes(cfg)
-    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-    fn = jax.jit(lambda p, t: models.logits(cfg, p, t))
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn.lower(abstract, tokens).compile()
-    return time.process_time() - cpu, time.perf_counter() - wall
-
-  shallow, deep = (float("inf"),) * 2, (float("inf"),) * 2
-  for _ in range(2):
-    shallow = min(shallow, compile_seconds(2))
-    deep = min(deep, compile_seconds(16))
-  print(f"compile (cpu s, wall s): 2 layers {shallow[0]:.2f}, {shallow[1]:.2f}; "
-        f"16 layers {deep[0]:.2f}, {deep[1]:.2f}")
-  assert deep[0] <= 3 * shallow[0]
 
 
 # Parameter counts of the released checkpoints (total_size in their safetensors index / bytes per

@@ -76,7 +76,8 @@ def _must_not_run(*args, **kwargs):
 
 @pytest.mark.parametrize("recipe,kind,overrides", [
     ("dpo", "pairwise", {"data.pack": True}),   # packed pairs: example ids through the packer
-    ("bco", "unpaired", {}),                    # stateful unpaired objective
+    # Stateful unpaired objective. Slow (~30 s of 2 cores): the cache path is the dpo case's.
+    pytest.param("bco", "unpaired", {}, marks=pytest.mark.slow),
 ])
 def test_precompute_equals_reference_in_the_step(tmp_path, recipe, kind, overrides, capsys,
                                                  monkeypatch):

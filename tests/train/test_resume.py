@@ -53,8 +53,11 @@ def _assert_same_run(a, b):
 @pytest.mark.parametrize("case", [
     # kill mid-epoch (20 rows / 8 per step: an epoch is 2.5 steps)
     dict(rows=20, overrides={}, kill_at=4),
-    # grad accumulation (4 micro-batches of 2) and a kill exactly at an epoch boundary
-    dict(rows=16, overrides={"train.grad_accum": 4, "checkpoint.every_steps": 2}, kill_at=2),
+    # grad accumulation (4 micro-batches of 2) and a kill exactly at an epoch boundary. Slow
+    # (~50 s of 2 cores): accumulation exactness is tested in tests/train/test_step.py and
+    # kill + resume by the case above, the async-save kill and the two-process preemption test.
+    pytest.param(dict(rows=16, overrides={"train.grad_accum": 4, "checkpoint.every_steps": 2},
+                      kill_at=2), marks=pytest.mark.slow),
 ])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, case):
   data = str(tmp_path / "train.jsonl")
