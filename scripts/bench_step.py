@@ -405,7 +405,8 @@ def bench_train(kind, cfg, args, mesh, rules, devices) -> dict:
   row["param_dtypes"] = leaf_dtypes(state.params)
   row["opt_state_dtypes"] = leaf_dtypes(state.opt_state)
   row["device_peak_bytes"] = device_peak_bytes(devices)
-  row.update(rates(row["tokens_per_step"], row["flops_per_step"], row["step_s"], devices))
+  row.update(rates(row["tokens_per_step"], row["flops_per_step"], row["step_s"],
+                   devices[0].device_kind, len(devices)))
   notes = []
   if not math.isfinite(row["final_loss"]) or row["skipped_steps"]:
     notes.append(f"non-finite loss or gradients ({row['skipped_steps']} steps skipped)")
@@ -413,15 +414,29 @@ def bench_train(kind, cfg, args, mesh, rules, devices) -> dict:
   return row
 
 
-def rates(tokens, flops, seconds, devices, prefix=""):
-  peak = peak_flops(devices[0].device_kind)
-  n = len(devices)
+def rates(tokens, flops, seconds, device_kind: str, n: int, prefix=""):
+  """Throughput fields of a row: tokens/s (all and per device) and MFU (None off the table)."""
+  peak = peak_flops(device_kind)
   if seconds is None or seconds <= 0:
     return {f"{prefix}tokens_per_s": None, f"{prefix}tokens_per_s_per_device": None,
             f"{prefix}mfu": None}
   return {f"{prefix}tokens_per_s": tokens / seconds,
           f"{prefix}tokens_per_s_per_device": tokens / seconds / n,
           f"{prefix}mfu": flops / seconds / (peak * n) if peak else None}
+
+
+def sampler_fields(cfg, b, p, n, timed, device_kind, n_devices) -> dict:
+  """A sampler row's times, FLOPs and rates from the median `timed` prefill and generate seconds
+  (b prompts of p tokens, n new tokens): decode = generate - prefill. Shared with bench_torch."""
+  decode_s = timed["generate"] - timed["prefill"]
+  row = dict(prefill_s=timed["prefill"], generate_s=timed["generate"], decode_s=decode_s,
+             prefill_flops=prefill_flops(cfg, b, p), decode_flops=decode_flops(cfg, b, p, n))
+  row.update(rates(b * p, row["prefill_flops"], timed["prefill"], device_kind, n_devices,
+                   "prefill_"))
+  row.update(rates(b * (n - 1), row["decode_flops"], decode_s if decode_s > 0 else None,
+                   device_kind, n_devices, "decode_"))
+  row["note"] = "" if decode_s > 0 else "generate not slower than prefill: decode rate n/a"
+  return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,16 +486,8 @@ def bench_sample(cfg, args, mesh, rules, devices) -> list[dict]:
           raise RuntimeError(f"sampler generated {got.min()}..{got.max()} tokens, expected {new}")
         timed[name] = statistics.median(times)
         row[f"{name}_s_all"] = times
-      row["prefill_s"], row["generate_s"] = timed["prefill"], timed["generate"]
-      decode_s = timed["generate"] - timed["prefill"]
-      row["decode_s"] = decode_s
-      row["prefill_flops"] = prefill_flops(cfg, b, p)
-      row["decode_flops"] = decode_flops(cfg, b, p, n)
-      row.update(rates(b * p, row["prefill_flops"], timed["prefill"], devices, "prefill_"))
-      row.update(rates(b * (n - 1), row["decode_flops"], decode_s if decode_s > 0 else None,
-                       devices, "decode_"))
+      row.update(sampler_fields(cfg, b, p, n, timed, devices[0].device_kind, len(devices)))
       row["device_peak_bytes"] = device_peak_bytes(devices)
-      row["note"] = "" if decode_s > 0 else "generate not slower than prefill: decode rate n/a"
       out.append(row)
   return out
 

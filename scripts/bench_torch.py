@@ -113,16 +113,6 @@ def device_kind(device):
   return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def rates(tokens, flops, seconds, device, prefix=""):
-  peak = bench_step.peak_flops(device_kind(device))
-  if seconds is None or seconds <= 0:
-    return {f"{prefix}tokens_per_s": None, f"{prefix}tokens_per_s_per_device": None,
-            f"{prefix}mfu": None}
-  return {f"{prefix}tokens_per_s": tokens / seconds,
-          f"{prefix}tokens_per_s_per_device": tokens / seconds,
-          f"{prefix}mfu": flops / seconds / peak if peak else None}
-
-
 def timed_runs(fn, warmup, steps, device):
   """-> (seconds of each of the warmup + steps calls, the last call's result)."""
   times = []
@@ -178,7 +168,8 @@ def bench_train(kind, cfg, args, device) -> dict:
   row["tokens_per_step"] = row["rows"] * args.seq
   row["flops_per_step"] = bench_step.step_flops(cfg, kind, args.batch, args.seq)
   row["device_peak_bytes"] = peak_bytes(device)
-  row.update(rates(row["tokens_per_step"], row["flops_per_step"], row["step_s"], device))
+  row.update(bench_step.rates(row["tokens_per_step"], row["flops_per_step"], row["step_s"],
+                              device_kind(device), 1))
   row["note"] = "" if np.isfinite(row["final_loss"]) else "non-finite loss"
   return row
 
@@ -207,16 +198,8 @@ def bench_sample(cfg, args, device) -> list[dict]:
         raise RuntimeError(f"generate returned {tuple(result.shape)}, expected {(b, p + new)}")
       timed[name] = statistics.median(times)
       row[f"{name}_s_all"] = times
-    row["prefill_s"], row["generate_s"] = timed["prefill"], timed["generate"]
-    decode_s = timed["generate"] - timed["prefill"]
-    row["decode_s"] = decode_s
-    row["prefill_flops"] = bench_step.prefill_flops(cfg, b, p)
-    row["decode_flops"] = bench_step.decode_flops(cfg, b, p, n)
-    row.update(rates(b * p, row["prefill_flops"], timed["prefill"], device, "prefill_"))
-    row.update(rates(b * (n - 1), row["decode_flops"], decode_s if decode_s > 0 else None,
-                     device, "decode_"))
+    row.update(bench_step.sampler_fields(cfg, b, p, n, timed, device_kind(device), 1))
     row["device_peak_bytes"] = peak_bytes(device)
-    row["note"] = "" if decode_s > 0 else "generate not slower than prefill: decode rate n/a"
     out.append(row)
   return out
 

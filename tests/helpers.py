@@ -125,3 +125,12 @@ def random_params(model_cfg, seed=0):
       return (1.0 + 0.1 * rng.normal(size=shape.shape)).astype(np.float32)
     return (0.2 * rng.normal(size=shape.shape)).astype(np.float32)
   return jax.tree_util.tree_map_with_path(draw, models.param_shapes(model_cfg))
+
+
+def load_config(name, *args):
+  """configs/<name>.py's `get_config(*args)`: a recipe's config tree, unlocked, for in-process runs."""
+  spec = importlib.util.spec_from_file_location(f"config_{name}",
+                                                os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)

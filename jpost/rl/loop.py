@@ -31,6 +31,7 @@ from etils import epath
 
 from jpost import data as jdata
 from jpost import models
+from jpost.adapters import lora as lora_adapters
 from jpost.checkpoints import train_ckpt
 from jpost.data.encode import Encoder
 from jpost.losses import policy_gradient as pg
@@ -665,6 +666,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     raise ValueError(f"objective {cfg.objective.name!r} is offline: use jpost.train.loop.run")
   pg_cfg = cfg.objective
   _check_config(cfg, pg_cfg)
+  lora_spec = lora_adapters.spec_from_config(cfg.lora, cfg.model.param_dtype)   # None: rank 0
   needs = pg.requirements(pg_cfg)
   mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
   rules = sharding.default_rules()
@@ -694,10 +696,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     if needs["needs_values"]:
       params["value_head"] = jax.device_put(heads.init_scalar_head(model_cfg.d_model),
                                             param_shardings["value_head"])
-    optimizer = optim.make_optimizer(cfg.optim, total_updates, mask=optim.decay_mask(axes))
+    if lora_spec is not None:
+      # A frozen (maybe quantised) base plus trainable adapters (and value head): the sampler
+      # and the trainer both run the base with the adapters attached (`forward.policy_lm`).
+      params, axes, param_shardings = lora_adapters.add_adapters(
+          params, axes, lora_spec, model_cfg, mesh, rules, jax.random.PRNGKey(cfg.train.seed + 1))
+    optimizer = optim.make_optimizer(cfg.optim, total_updates,
+                                     mask=optim.decay_mask(tstep.trainable(axes)))
     schedule = optim.make_schedule(cfg.optim, total_updates)
+    # With LoRA the KL reference is the base itself (params['lm'], adapters off): no copy.
     ref_params = ({"lm": jax.tree.map(lambda x: x.copy(), params["lm"])}
-                  if pg_cfg.kl_beta != 0 else None)
+                  if pg_cfg.kl_beta != 0 and lora_spec is None else None)
     init_fn = lambda p: tstep.init_state(p, optimizer, cfg.train.seed)
     abstract = jax.eval_shape(init_fn, params)
     state_shardings = offline._state_shardings(abstract, param_shardings, optimizer, mesh)
@@ -707,7 +716,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     spec = forward.ForwardSpec(model_cfg=model_cfg, needs_ref=needs["needs_ref"],
                                needs_entropy=needs["needs_entropy"],
                                needs_values=needs["needs_values"], impl=cfg.ops.impl,
-                               temperature=cfg.rl.temperature or 1.0)
+                               temperature=cfg.rl.temperature or 1.0, lora=lora_spec)
+    policy = lambda params: forward.policy_lm(spec, params)   # decoder params to sample from
     train_step = jax.jit(tstep.make_train_step(spec, pg.loss, pg_cfg, "examples", optimizer,
                                                schedule), donate_argnums=(0,))
     stats_spec = _stats_spec(setup, spec)
@@ -717,7 +727,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     # --- Data ----------------------------------------------------------------------------------
     if pg_cfg.filter.drop_unsolvable:
       cfg = ml_collections.ConfigDict(cfg.to_dict())
-      cfg.data.train = filter_prompts(setup, state.params["lm"], workdir)
+      cfg.data.train = filter_prompts(setup, policy(state.params), workdir)
       setup.cfg = cfg
     train_iter = jdata.make_train_iterator(
         cfg.data, "rl", tokenizer, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -741,14 +751,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     writer = tmetrics.MetricsWriter(workdir, is_main=is_main, tensorboard=cfg.log.tensorboard)
     preemption = offline._Preemption()
     preemption.install()
-    n_params = sum(x.size for x in jax.tree.leaves(state.params["lm"]))
+    n_params = sum(x.size for x in jax.tree.leaves(models.param_shapes(model_cfg)))
     print(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params), objective "
           f"{cfg.objective.name}, {iterations} iterations of {cfg.train.batch_size} prompts x "
           f"{cfg.rl.group_size} samples, {updates_per_iteration} update(s) each, on "
           f"{jax.device_count()} device(s)", flush=True)
 
     def run_eval(it):
-      out = evaluate(setup, state.params["lm"], eval_batches)
+      out = evaluate(setup, policy(state.params), eval_batches)
       writer.write(it, out)
       print(f"eval step {it}: " + str({k: round(v, 4) for k, v in out.items()}), flush=True)
       return out
@@ -759,7 +769,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     it = start
     for it in range(start + 1, iterations + 1):
       t0 = time.time()
-      groups, stats = collect(setup, state.params["lm"], train_iter, it, iterations)
+      groups, stats = collect(setup, policy(state.params), train_iter, it, iterations)
       t1 = time.time()
       batch, seq_adv, responses, mix_stats = assemble(setup, groups)
       micro_rows = batch["tokens"].shape[0] // (cfg.rl.mini_batches * cfg.train.grad_accum)

@@ -93,9 +93,6 @@ def _model_config(cfg, tokenizer):
 
 def _initial_params(cfg, model_cfg, objective, mesh, param_shardings):
   init = cfg.model.init
-  if objective.data_kind == "rl" and cfg.get("lora") and cfg.lora.rank:
-    raise NotImplementedError("lora.rank > 0 with an online RL objective: jpost/rl/loop.py does "
-                              "not attach adapters yet (LoRA runs with the offline objectives)")
   if init == "random":
     lm = jax.jit(lambda key: models.init_params(model_cfg, key),
                  out_shardings=param_shardings["lm"])(jax.random.PRNGKey(cfg.train.seed))

@@ -56,6 +56,26 @@ def _fake_run(workdir, model_cfg, params, spec):
   ckpt.close()
 
 
+def _check_peft_dir(out, ids, z_base, z_jpost, model_cfg, want_spec, want_adapters) -> dict:
+  """A PEFT export of a quantised random-init run: its config, the dequantised base written
+  beside it (no HF base to point at), transformers + peft logits equal to jpost's, and a
+  read-back into the same adapters. Returns adapter_config.json."""
+  with open(os.path.join(out, "adapter_config.json")) as f:
+    config = json.load(f)
+  assert (config["peft_type"], config["r"], config["lora_alpha"]) == (
+      "LORA", want_spec.rank, want_spec.alpha)
+  assert config["base_model_name_or_path"] == os.path.join(out, "base")
+  base = transformers.AutoModelForCausalLM.from_pretrained(
+      config["base_model_name_or_path"], attn_implementation="eager").eval()
+  np.testing.assert_allclose(_torch_logits(base, ids), z_base, atol=TOL, rtol=0)
+  adapted = peft.PeftModel.from_pretrained(base, out).eval()
+  np.testing.assert_allclose(_torch_logits(adapted, ids), z_jpost, atol=TOL, rtol=0)
+  spec2, adapters2 = jpeft.load(out, model_cfg)
+  assert spec2 == want_spec
+  jax.tree.map(np.testing.assert_array_equal, adapters2, want_adapters)
+  return config
+
+
 def _export(monkeypatch, *argv):
   monkeypatch.setattr(sys, "argv", ["export_hf.py", *argv])
   helpers.load_script("export_hf").main()
@@ -95,23 +115,10 @@ def test_export_script_writes_merged_and_peft_adapters_that_transformers_loads(
 
   out = str(tmp_path / "adapter")
   _export(monkeypatch, workdir, out, "--adapters=peft")
-  with open(os.path.join(out, "adapter_config.json")) as f:
-    config = json.load(f)
-  assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == (
-      "LORA", "CAUSAL_LM", 4, 8.0)
+  config = _check_peft_dir(out, ids, z_base, z_jpost, model_cfg,
+                           lora.LoraSpec(rank=4, alpha=8.0, dropout=0.1), params["lora"])
+  assert config["task_type"] == "CAUSAL_LM"
   assert config["target_modules"] == list(lora.TARGETS)
-  # No HF base to point at (random init, quantised): the dequantised base is written beside.
-  assert config["base_model_name_or_path"] == os.path.join(out, "base")
-  base = transformers.AutoModelForCausalLM.from_pretrained(
-      config["base_model_name_or_path"], attn_implementation="eager").eval()
-  np.testing.assert_allclose(_torch_logits(base, ids), z_base, atol=TOL, rtol=0)
-  adapted = peft.PeftModel.from_pretrained(base, out).eval()
-  np.testing.assert_allclose(_torch_logits(adapted, ids), z_jpost, atol=TOL, rtol=0)
-
-  # The PEFT directory reads back into the same adapters.
-  spec2, adapters2 = jpeft.load(out, model_cfg)
-  assert spec2 == lora.LoraSpec(rank=4, alpha=8.0, dropout=0.1)
-  jax.tree.map(np.testing.assert_array_equal, adapters2, params["lora"])
   with pytest.raises(SystemExit):      # argparse error: a plain run has no adapters to export
     plain = str(tmp_path / "plain")
     _fake_run(plain, model_cfg, {"lm": jax.device_get(lora.dequantized_base(lm, model_cfg))},
@@ -165,20 +172,9 @@ def test_qlora_dpo_run_through_the_loop_exports_peft_adapters(tmp_path, monkeypa
   out = str(tmp_path / "adapter")
   monkeypatch.setattr(sys, "argv", ["export_hf.py", workdir, out, "--adapters=peft"])
   helpers.load_script("export_hf").main()
-  with open(os.path.join(out, "adapter_config.json")) as f:
-    config = json.load(f)
-  assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
-  assert config["base_model_name_or_path"] == os.path.join(out, "base")   # dequantised base
-  base = transformers.AutoModelForCausalLM.from_pretrained(
-      config["base_model_name_or_path"], attn_implementation="eager").eval()
-  np.testing.assert_allclose(_torch_logits(base, ids), z_base, atol=TOL, rtol=0)
-  adapted = peft.PeftModel.from_pretrained(base, out).eval()
-  np.testing.assert_allclose(_torch_logits(adapted, ids), z_jpost, atol=TOL, rtol=0)
-
-  # The PEFT directory reads back into the same adapters.
-  spec2, adapters2 = jpeft.load(out, model_cfg)
-  assert spec2 == lora.LoraSpec(rank=4, alpha=8.0, dropout=0.1, targets=spec.targets)
-  jax.tree.map(np.testing.assert_array_equal, adapters2, jax.device_get(params["lora"]))
+  _check_peft_dir(out, ids, z_base, z_jpost, model_cfg,
+                  lora.LoraSpec(rank=4, alpha=8.0, dropout=0.1, targets=spec.targets),
+                  jax.device_get(params["lora"]))
   # A LoRA checkpoint is not a plain model to start another run from.
   with pytest.raises(ValueError, match="holds LoRA adapters"):
     c = _config(str(tmp_path / "next"))

@@ -219,3 +219,49 @@ def test_instance_filter_drops_unsolvable_prompts(tmp_path, tiny_lm, monkeypatch
   kept = [json.loads(line) for line in open(path)]
   assert kept == [r for r in rows if r["answer"] == "yes"]
   assert rl_loop.filter_prompts(setup, tiny_lm, str(tmp_path)) == path     # reused on resume
+
+
+def test_lora_grpo_samples_and_trains_the_adapted_policy_against_the_base(tmp_path,
+                                                                        monkeypatch):
+  """GRPO (KL to the reference on) with LoRA: the base stays as initialised, the adapters train,
+  and the sampler draws from the adapted policy: after a large first update the sampling and
+  trainer log-probs of iteration 2 still agree (the base alone would be far off)."""
+  import types
+  from jpost.adapters import lora
+  fake = types.ModuleType("fake_lora_rewards")   # graded, so a random policy's groups differ
+  fake.byte_sum = lambda row, completion: float(sum(completion.encode()) % 7) / 7
+  monkeypatch.setitem(sys.modules, "fake_lora_rewards", fake)
+  cfg = helpers.load_config("grpo")
+  cfg.rl.rewards = "fake_lora_rewards:byte_sum"
+  cfg.train.update(steps=2, batch_size=4, log_every=1)
+  cfg.rl.update(group_size=2, max_new_tokens=4)
+  cfg.warm_start.sft_steps = 0
+  cfg.optim.update(lr=5e-2, warmup_steps=0)
+  cfg.eval.every_steps = 0
+  cfg.data.eval = ""
+  cfg.checkpoint.async_save = False
+  cfg.log.update(tensorboard=False, plot=False)
+  cfg.lora.update(rank=4, alpha=8.0)
+  assert cfg.objective.kl_beta > 0            # the reference pass runs: it is the base
+  workdir = str(tmp_path / "run")
+  rl_loop.run(cfg, workdir, _summary=False)
+
+  params = train_ckpt.load_params(workdir)
+  model_cfg = models.read_model_config_json(f"{workdir}/model_config.json")
+  init = models.init_params(model_cfg, jax.random.PRNGKey(cfg.train.seed))
+  jax.tree.map(np.testing.assert_array_equal, params["lm"], jax.device_get(init))
+  b_leaves = [x for p, x in jax.tree_util.tree_leaves_with_path(params["lora"])
+              if p[-1].key == "b"]
+  assert b_leaves and all(np.abs(np.asarray(x, np.float32)).max() > 0 for x in b_leaves)
+  metrics = helpers.metrics_by_step(workdir, "pg/logp_gap_max", "pg/kl")
+  gap, kl = metrics[2]
+  print(f"iteration 2: logp gap max {gap:.2e}, kl {kl:.2e}")
+  assert kl > 0                                # the adapted policy has moved off the base
+  assert gap <= 1e-4, metrics
+  spec = lora.spec_from_config(cfg.lora, model_cfg.param_dtype)
+  ids = np.arange(1, 13, dtype=np.int32)[None]
+  z_adapted = models.logits(model_cfg, lora.attach(params["lm"], params["lora"], spec), ids)
+  z_base = models.logits(model_cfg, params["lm"], ids)
+  diff = float(np.abs(np.asarray(z_adapted) - np.asarray(z_base)).max())
+  print(f"max |adapted - base logit| {diff:.2e}")
+  assert diff > 1e-3
