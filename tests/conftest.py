@@ -5,7 +5,10 @@ first conftest, not inside individual tests.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from helpers import CPU_COLLECTIVE_FLAGS  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
+os.environ.setdefault("XLA_FLAGS",
+                      f"--xla_force_host_platform_device_count=8 {CPU_COLLECTIVE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

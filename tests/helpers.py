@@ -10,9 +10,20 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# XLA:CPU aborts the process when a device thread is 40 s late to a collective, which an
+# 8-device step on 2 busy cores can be (seen once in a full-suite run): wait longer.
+CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test subprocess: `devices` fake CPU devices and the long collective
+  timeouts."""
+  return f"--xla_force_host_platform_device_count={devices} {CPU_COLLECTIVE_FLAGS}"
+
+
 def _train_cmd_env(workdir, flags, recipe, devices, fault):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
   for key in ("JPOST_TEST_FAULT", "JPOST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
               "JPOST_NUM_PROCESSES", "JPOST_PROCESS_ID"):
     env.pop(key, None)

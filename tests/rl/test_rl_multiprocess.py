@@ -239,7 +239,7 @@ def test_other_online_paths_run_in_two_processes(env, tmp_path):
   address = f"127.0.0.1:{helpers.free_port()}"
   procs = []
   for pid in range(2):
-    env_p = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env_p = dict(os.environ, XLA_FLAGS=helpers.xla_flags(4),
                  JAX_PLATFORMS="cpu", JPOST_COORDINATOR_ADDRESS=address,
                  JPOST_NUM_PROCESSES="2", JPOST_PROCESS_ID=str(pid))
     env_p.pop("JPOST_TEST_FAULT", None)

@@ -197,7 +197,7 @@ def test_gather_json_collects_every_process(tmp_path):
       "pid = jax.process_index()\n"
       "print(json.dumps(train_ckpt.gather_json({'p': pid, 'pad': 'x' * (40 * pid)})))\n")
   address = f"127.0.0.1:{helpers.free_port()}"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(2),
              JAX_PLATFORMS="cpu", PYTHONPATH=helpers.ROOT)
   procs = [subprocess.Popen([sys.executable, str(script), address, str(p)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
