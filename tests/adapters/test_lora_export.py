@@ -26,9 +26,10 @@ from helpers import random_params
 
 import helpers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+# The test extra installs these; a missing one must fail, not skip the PEFT check.
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 TOL = 1e-4
 
