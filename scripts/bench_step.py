@@ -298,7 +298,7 @@ def make_batch(kind: str, cfg, batch: int, seq: int, seed: int = 0) -> dict:
     raise ValueError(f"no training batch for {kind!r}")
   stacked = tbatches.stack([host])
   if kind == "grpo":
-    stacked.update(rl_loop._subset_denominators(stacked))   # what rl.loop.update adds
+    stacked.update(rl_loop.subset_denominators(stacked))   # what rl.loop.update adds
   return stacked
 
 
@@ -330,7 +330,7 @@ def state_plan(cfg, mesh, rules) -> StatePlan:
   schedule = optim.make_schedule(opt_cfg, 1000)
   new_state = lambda p: tstep.init_state(p, optimizer, 0)  # noqa: E731
   abstract_state = jax.eval_shape(new_state, shapes)
-  state_shardings = train_loop._state_shardings(abstract_state, param_shardings, optimizer, mesh)
+  state_shardings = train_loop.state_shardings_of(abstract_state, param_shardings, optimizer, mesh)
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,
       state_shardings)
@@ -447,7 +447,7 @@ def compiled_generate(cfg, sc, batch, prompt_len, mesh, rules, params, prompt, l
                       options=None):
   """The sampler's own jitted program (the one `make_generate_fn` calls, from its cache),
   lowered and compiled here so that compile time and memory come from the timed executable."""
-  jitted = sampler._jitted(cfg, sc, batch, prompt_len, mesh, rules)
+  jitted = sampler.jitted_generate(cfg, sc, batch, prompt_len, mesh, rules)
   return lower_and_compile(jitted, params, prompt, lengths, rng, options=options)
 
 

@@ -487,7 +487,7 @@ def finish_batch(setup: Setup, batch, seq_adv, groups, responses, pre):
   return batch, stats
 
 
-def _subset_denominators(mb):
+def subset_denominators(mb):
   """Global sizes of the loss's token subsets over a stacked mini-batch, all processes' rows
   ([k] arrays, the same on every process)."""
   k = mb["loss_mask"].shape[0]
@@ -519,7 +519,7 @@ def update(setup: Setup, train_step, state, ref_params, batch, iteration):
       idx = order[m * per_mb:(m + 1) * per_mb]
       micro = [{k: v[idx[j::accum]] for k, v in batch.items()} for j in range(accum)]
       mb = tbatches.stack(micro)
-      mb.update(_subset_denominators(mb))
+      mb.update(subset_denominators(mb))
       state, metrics = train_step(state, ref_params, tbatches.to_device(mb, setup.mesh))
       out.append(metrics)
   return state, out
@@ -709,7 +709,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
                   if pg_cfg.kl_beta != 0 and lora_spec is None else None)
     init_fn = lambda p: tstep.init_state(p, optimizer, cfg.train.seed)
     abstract = jax.eval_shape(init_fn, params)
-    state_shardings = offline._state_shardings(abstract, param_shardings, optimizer, mesh)
+    state_shardings = offline.state_shardings_of(abstract, param_shardings, optimizer, mesh)
     state = jax.jit(init_fn, out_shardings=state_shardings)(params)
     del params
 

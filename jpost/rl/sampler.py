@@ -219,7 +219,7 @@ def _row_shardings(mesh, rules, batch_size, width):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(model_cfg, sc, batch_size, bucket, mesh, rules):
+def jitted_generate(model_cfg, sc, batch_size, bucket, mesh, rules):
   """One compiled program per shape and placement. With a mesh, every output keeps the prompt's
   row placement, so each process finds its own rows among its local shards."""
   fn = functools.partial(_generate, model_cfg, sc, rules)
@@ -266,7 +266,7 @@ def make_generate_fn(model_cfg, sc: SamplingConfig, batch: int, bucket: int, *, 
     raise ValueError(f"generate: {jax.process_count()} processes need the mesh (their rows form "
                      "one global batch)")
   global_batch = int(batch) * jax.process_count()
-  jitted = _jitted(model_cfg, sc, global_batch, int(bucket), mesh, rules)
+  jitted = jitted_generate(model_cfg, sc, global_batch, int(bucket), mesh, rules)
 
   def run(lm_params, prompt_BT, lengths_B, rng):
     prompt_BT = np.asarray(prompt_BT, np.int32)

@@ -127,7 +127,7 @@ def _param_shapes(model_cfg, objective):
   return shapes
 
 
-def _state_shardings(abstract_state, param_shardings, optimizer, mesh):
+def state_shardings_of(abstract_state, param_shardings, optimizer, mesh):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state,
                               tstep.trainable(param_shardings),
@@ -207,7 +207,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     init_fn = lambda p: tstep.init_state(p, optimizer, cfg.train.seed,
                                          objective.init_objective_state())
     abstract = jax.eval_shape(init_fn, params)
-    state_shardings = _state_shardings(abstract, param_shardings, optimizer, mesh)
+    state_shardings = state_shardings_of(abstract, param_shardings, optimizer, mesh)
     state = jax.jit(init_fn, out_shardings=state_shardings)(params)
     del params
 

@@ -138,7 +138,7 @@ def _train(name, mesh):
     params = jax.device_put(host_params, param_shardings)
     ref = None if host_ref is None else jax.device_put(host_ref, param_shardings)
     init = lambda p: tstep.init_state(p, optimizer, 0)
-    state_shardings = offline._state_shardings(jax.eval_shape(init, params), param_shardings,
+    state_shardings = offline.state_shardings_of(jax.eval_shape(init, params), param_shardings,
                                                optimizer, mesh)
     state = jax.jit(init, out_shardings=state_shardings)(params)
     step = jax.jit(tstep.make_train_step(spec, objective.fn, objective.default_config(),
