@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import statistics
 import time
 
@@ -27,25 +26,10 @@ import jax.numpy as jnp
 
 from jpost import ops
 from jpost.ops import logprobs
+from jpost.train import metrics as tmetrics
+from jpost.train.flops import peak_flops
 
-# Dense bf16 peak FLOP/s by device kind (vendor figures); matched as substrings of device_kind.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-                   "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
-
-
-def peak_flops(kind):
-  for name, flops in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name.lower() in kind.lower():
-      return flops
-  return None
-
-
-def device_memory_bytes(device):
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and stats.get("bytes_limit"):
-    return stats["bytes_limit"]
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")   # CPU: host memory
 
 
 def timed(fn, args, warmup, repeats):
@@ -107,7 +91,7 @@ def main():
 
   device = jax.devices()[0]
   backend, kind = jax.default_backend(), device.device_kind
-  peak, mem_limit = peak_flops(kind), device_memory_bytes(device)
+  peak, mem_limit = peak_flops(kind), tmetrics.device_memory_limit(device)
   dtype = jnp.dtype(args.dtype)
   user_blocks = json.loads(args.block_sizes) if args.block_sizes else {}
   meta = {"device": kind, "backend": backend, "jax": jax.__version__, "dtype": args.dtype,

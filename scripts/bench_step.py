@@ -16,16 +16,11 @@ Per training row (batch = SFT sequences, DPO pairs, GRPO rollout rows; every row
   compile_s      trace + lower + XLA compile of the step (`lower_s` is the first part).
   tokens/s       tokens in the batch per step (DPO: chosen + rejected) / step_s; and per device.
   MFU            model FLOPs / step_s / (devices x dense bf16 peak of the device kind; n/a on
-                 CPU and unknown kinds). Model FLOPs, per sequence of T tokens:
-                   forward   2 * P_mm * T + 4 * L * d_attn * A(T)
-                   training  3 x forward (6 * P_mm * T + 12 * L * d_attn * A(T))
-                 with P_mm the weights that multiply activations (per layer q, k, v, o and the
-                 3 MLP matrices, plus the D x V unembedding; the embedding gather and norms count
-                 nothing), d_attn = heads x head_dim, and A(T) = T^2 / 2 the causal (query, key)
-                 pairs (W * T - W^2 / 2 on sliding-window layers when T > W); so causal training
-                 attention is 12 * L * T^2 * d_attn / 2. A step is training on its rows plus a
-                 reference forward on the same rows when the objective has one (DPO; GRPO with
-                 its default kl_beta = 0.04). Remat's recomputation is not model FLOPs.
+                 CPU and unknown kinds). Model FLOPs as in jpost/train/flops.py (the train
+                 loop's MFU uses the same count): training = 3 x forward, forward =
+                 2 * P_mm * T + 4 * L * d_attn * A(T), A(T) = T^2 / 2 causal pairs. A step is
+                 training on its rows plus a reference forward on the same rows when the
+                 objective has one (DPO; GRPO with its default kl_beta = 0.04).
   memory         from the compiled step's `memory_analysis()` (per device): arguments, outputs,
                  aliased (donated) bytes, temporaries, and planned peak = arguments + outputs -
                  aliased + temporaries; and `device_peak_bytes`, the allocator's peak
@@ -81,6 +76,8 @@ from jpost.train import metrics as tmetrics  # noqa: E402
 from jpost.train import optim  # noqa: E402
 from jpost.train import sharding  # noqa: E402
 from jpost.train import step as tstep  # noqa: E402
+from jpost.train.flops import decode_flops, forward_flops, matmul_params  # noqa: E402
+from jpost.train.flops import peak_flops, prefill_flops, train_flops  # noqa: E402
 
 OBJECTIVES = {"sft": "nll", "dpo": "sigmoid", "grpo": "grpo"}   # bench name -> registry name
 KINDS = tuple(OBJECTIVES) + ("sample",)
@@ -115,37 +112,8 @@ SAMPLE_FIELDS = COMMON_FIELDS + tuple(
 # Model FLOPs
 # ---------------------------------------------------------------------------------------------
 
-def matmul_params(cfg) -> int:
-  """Weights multiplied with every token's activations (see the module docstring)."""
-  d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  per_layer = d * h * k + 2 * d * g * k + h * k * d + 3 * d * f
-  return cfg.num_layers * per_layer + d * cfg.vocab_size
-
-
 def param_count(cfg) -> int:
   return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(models.param_shapes(cfg)))
-
-
-def causal_pairs(t: int, window: int | None = None) -> float:
-  """(query, key) pairs one sequence of t tokens scores: t^2 / 2 (the model-FLOPs convention)."""
-  if window is None or t <= window:
-    return t * t / 2
-  return window * t - window * window / 2
-
-
-def attention_pairs(cfg, t: int) -> float:
-  """Causal pairs summed over layers (windowed layers see at most `sliding_window` keys)."""
-  windowed = cfg.sliding_layers()
-  return sum(causal_pairs(t, cfg.sliding_window if w else None) for w in windowed)
-
-
-def forward_flops(cfg, rows: int, seq: int) -> float:
-  d_attn = cfg.num_heads * cfg.head_dim
-  return rows * (2 * matmul_params(cfg) * seq + 4 * d_attn * attention_pairs(cfg, seq))
-
-
-def train_flops(cfg, rows: int, seq: int) -> float:
-  return 3 * forward_flops(cfg, rows, seq)
 
 
 def step_flops(cfg, kind: str, batch: int, seq: int) -> float:
@@ -162,44 +130,9 @@ def step_rows(kind: str, batch: int) -> int:
   return 2 * batch if kind == "dpo" else batch
 
 
-def prefill_flops(cfg, batch: int, prompt_len: int) -> float:
-  """Prompt forward; the sampler unembeds only the last position."""
-  d_attn = cfg.num_heads * cfg.head_dim
-  trunk = 2 * (matmul_params(cfg) - cfg.d_model * cfg.vocab_size) * prompt_len
-  return batch * (trunk + 2 * cfg.d_model * cfg.vocab_size
-                  + 4 * d_attn * attention_pairs(cfg, prompt_len))
-
-
-def decode_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
-  """N - 1 one-token steps; the step feeding token i (1-based) attends to P + i keys."""
-  steps = new_tokens - 1
-  keys = steps * prompt_len + steps * (steps + 1) / 2
-  d_attn = cfg.num_heads * cfg.head_dim
-  windowed = int(cfg.sliding_layers().sum())
-  if windowed and prompt_len + new_tokens > cfg.sliding_window:
-    raise ValueError("decode FLOPs with a sliding window shorter than the context are not "
-                     "counted: lower --prompt_len + --new_tokens")
-  return batch * (2 * matmul_params(cfg) * steps + 4 * d_attn * cfg.num_layers * keys)
-
-
 # ---------------------------------------------------------------------------------------------
 # Devices, timing, memory
 # ---------------------------------------------------------------------------------------------
-
-def peak_flops(kind: str) -> float | None:
-  """Dense bf16 peak of one device of this kind (jpost.train.metrics' table), None if unknown."""
-  for name, flops in sorted(tmetrics.PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name.lower() in kind.lower():
-      return flops
-  return None
-
-
-def device_memory_limit(device) -> int:
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")   # CPU: host memory
-
 
 def device_peak_bytes(devices) -> int | None:
   peaks = []
@@ -380,7 +313,7 @@ def bench_train(kind, cfg, args, mesh, rules, devices) -> dict:
         setup.jitted, *setup.abstract_args, options=args.compiler_options)
     row["hlo_ops"] = hlo_op_count(compiled)
     row.update(memory_fields(compiled))
-    limit = device_memory_limit(devices[0])
+    limit = tmetrics.device_memory_limit(devices[0])
     if row["mem_planned_peak_bytes"] is not None and row["mem_planned_peak_bytes"] > limit:
       row["note"] = (f"does not fit: planned {row['mem_planned_peak_bytes'] / 2**30:.1f} GiB > "
                      f"{limit / 2**30:.1f} GiB per device")
@@ -458,6 +391,8 @@ def bench_sample(cfg, args, mesh, rules, devices) -> list[dict]:
     raise ValueError(f"--new_tokens={n}: the decode rate needs at least 2 new tokens")
   with sharding.axis_rules(rules, mesh):
     params = state_plan(cfg, mesh, rules).init_params(jax.random.PRNGKey(0))["lm"]
+    # What the sampler's program is given (make_generate_fn casts the masters the same way).
+    params = sampler.jitted_compute_weights(cfg)(params)
     for b in args.sample_batches:
       row = dict(objective="sample", batch=b, prompt_len=p, new_tokens=n, impl="n/a")
       rng_np = np.random.default_rng(b)
@@ -603,7 +538,7 @@ def run_meta(devices) -> dict:
   kind = devices[0].device_kind
   return {"device": kind, "backend": jax.default_backend(), "devices": len(devices),
           "jax": jax.__version__, "peak_bf16_flops_per_device": peak_flops(kind),
-          "memory_limit_bytes": device_memory_limit(devices[0]),
+          "memory_limit_bytes": tmetrics.device_memory_limit(devices[0]),
           "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
 
 
@@ -760,7 +695,7 @@ def main(argv=None) -> int:
     print(f"# jpost step benchmark on {len(devices)} x {meta['device']} ({meta['backend']}), "
           f"jax {jax.__version__}", flush=True)
     if args.find_max_batch:
-      limit = int(args.memory_gib * 2**30) if args.memory_gib else device_memory_limit(devices[0])
+      limit = int(args.memory_gib * 2**30) if args.memory_gib else tmetrics.device_memory_limit(devices[0])
       meta["max_batch"] = []
       for shape in args.shape_list:
         cfg = model_config(shape, args)

@@ -9,6 +9,7 @@ from jpost.models.config import read_model_config_json
 from jpost.models.config import write_model_config_json
 from jpost.models.decoder import CACHE_AXES
 from jpost.models.decoder import apply
+from jpost.models.decoder import compute_weights
 from jpost.models.decoder import decode_step
 from jpost.models.decoder import init_cache
 from jpost.models.decoder import init_params
@@ -24,7 +25,7 @@ from jpost.models.hf import save_hf
 
 __all__ = [
     "ModelConfig", "get_model_config", "model_names", "read_model_config_json",
-    "write_model_config_json", "apply", "init_params", "logits", "param_logical_axes",
+    "write_model_config_json", "apply", "compute_weights", "init_params", "logits", "param_logical_axes",
     "param_shapes", "unembedding", "CACHE_AXES", "init_cache", "prefill", "decode_step",
     "config_from_hf", "config_to_hf", "load_hf", "save_hf",
 ]

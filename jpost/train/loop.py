@@ -23,6 +23,7 @@ from jpost.losses import registry
 from jpost.models import heads
 from jpost.train import batches as tbatches
 from jpost.train import config as tconfig
+from jpost.train import flops
 from jpost.train import forward
 from jpost.train import metrics as tmetrics
 from jpost.train import optim
@@ -249,8 +250,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     # --- Steps -----------------------------------------------------------------------------------
     writer = tmetrics.MetricsWriter(workdir, is_main=is_main, tensorboard=cfg.log.tensorboard)
     n_params = sum(x.size for x in jax.tree.leaves(models.param_shapes(model_cfg)))
-    progress = tmetrics.Progress(steps, tmetrics.train_flops_per_token(
-        model_cfg, cfg.data.max_len, n_params), jax.device_count())
+    progress = tmetrics.Progress(steps, step_flops_per_token(cfg, spec, precompute_ref),
+                                 jax.device_count())
     preemption = _Preemption()
     preemption.install()
     print(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params), objective "
@@ -344,6 +345,17 @@ def _eval_batches(cfg, objective, tokenizer):
     examples /= 2
   return [dict(b, denom_tokens=np.float32(max(tokens, 1.0)),
                denom_examples=np.float32(max(examples, 1.0))) for b in batches]
+
+
+def step_flops_per_token(cfg, spec: forward.ForwardSpec, precompute_ref: bool) -> float:
+  """Model FLOPs per token of a train step (jpost/train/flops.py), tokens at `data.max_len`:
+  training the policy (no base weight gradients with LoRA), plus the reference forward when the
+  step runs it, plus KTO's mismatched pairs (a policy and a reference forward, no gradient).
+  Reward models are counted with the unembedding they do not run (D x V per token, a few %)."""
+  reference = (spec.needs_ref and not precompute_ref) or spec.needs_kl
+  return flops.train_flops_per_token(
+      spec.model_cfg, cfg.data.max_len, extra_forwards=int(reference) + 2 * spec.needs_mismatch,
+      frozen_base=spec.lora is not None)
 
 
 def resume(ckpt, state, abstract, state_shardings, meta, train_iter):

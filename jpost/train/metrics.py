@@ -9,30 +9,18 @@ import jax
 import numpy as np
 from etils import epath
 
-# Dense bf16 peak FLOP/s per device kind (vendor figures); unknown kinds report no MFU.
-PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
-
+from jpost.train import flops
 
 def device_peak_flops(device=None) -> float | None:
-  kind = (device or jax.devices()[0]).device_kind
-  for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name.lower() in kind.lower():
-      return flops
-  return None
+  return flops.peak_flops((device or jax.devices()[0]).device_kind)
 
 
-def train_flops_per_token(model_cfg, seq_len: int, n_params: int) -> float:
-  """6N for the matmuls with parameters plus causal attention scores (Chinchilla-style count).
-
-  Attention: QK^T and PV are 2 * 2 * T * heads * head_dim FLOPs per token forward, halved for the
-  causal mask, tripled for forward + backward.
-  """
-  attn = 3 * 2 * 2 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * seq_len / 2
-  return 6 * n_params + attn
+def device_memory_limit(device) -> int:
+  """Bytes the device's allocator may use; on CPU (no allocator stats) the host's memory."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class MetricsWriter:

@@ -7,6 +7,7 @@ functions), which keeps the file fast on a small CPU.
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,6 +244,41 @@ def test_prompt_widths_within_a_bucket_do_not_recompile():
   too_long = np.array([9, 1], np.int32)
   with pytest.raises(ValueError, match="largest prompt bucket 8"):
     sampler.generate(TINY, params, _prompts(too_long), too_long, jax.random.PRNGKey(0), sc)
+
+
+def test_decode_gets_compute_dtype_weights_with_bit_identical_output(monkeypatch):
+  # float32 masters, bfloat16 compute: the program must be handed bfloat16 matmul weights (XLA
+  # would otherwise convert the float32 ones inside the decode loop on every step).
+  cfg = dataclasses.replace(TINY, dtype="bfloat16")
+  params = _params(cfg)
+  cast = models.compute_weights(cfg, params)
+  assert cast["layers"]["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+  assert cast["embed"]["embedding"].dtype == jnp.bfloat16
+  assert cast["final_norm"]["scale"].dtype == jnp.float32     # norms read in float32: untouched
+  calls = []
+  real = sampler.jitted_generate
+
+  def spy(*args):
+    program = real(*args)
+
+    def call(lm_params, *rest):
+      calls.append((args, {x.dtype for x in jax.tree.leaves(lm_params)}))
+      return program(lm_params, *rest)
+    return call
+
+  monkeypatch.setattr(sampler, "jitted_generate", spy)
+  prompt, rng = _prompts(LENGTHS), jax.random.PRNGKey(3)
+  got = sampler.generate(cfg, params, prompt, LENGTHS, rng, SAMPLING)
+  monkeypatch.undo()
+  (args, dtypes), = calls
+  assert jnp.dtype(jnp.bfloat16) in dtypes
+  # The same program on the float32 masters (the model casts at each matmul): equal bits.
+  bucket = args[3]
+  padded = np.zeros((len(LENGTHS), bucket), np.int32)
+  padded[:, bucket - prompt.shape[1]:] = prompt
+  want = real(*args)(params, padded, LENGTHS, rng)
+  for k in got:
+    np.testing.assert_array_equal(got[k], np.asarray(want[k]))
 
 
 def test_sharded_equals_unsharded():
