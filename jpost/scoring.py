@@ -129,9 +129,12 @@ def encode_file(path: str, tokenizer, data_cfg) -> list[Item]:
   return items
 
 
-def _batches(seqs, batch_size):
-  """Static-shape unpacked batches: [batch_size, T], T = the longest sequence rounded up to 8."""
-  width = -(-max(len(s.ids) for s in seqs) // 8) * 8
+def _batches(seqs, batch_size, pow2_widths=False):
+  """Static-shape unpacked batches: [batch_size, T], T = the longest sequence rounded up to 8
+  (or to a power of two >= 16, for callers that score many small sets, like a QAlign chain:
+  fewer distinct widths, fewer compiles)."""
+  longest = max(len(s.ids) for s in seqs)
+  width = max(16, 1 << (longest - 1).bit_length()) if pow2_widths else -(-longest // 8) * 8
   for start in range(0, len(seqs), batch_size):
     chunk = [[s] for s in seqs[start:start + batch_size]]
     n = len(chunk)
@@ -148,7 +151,8 @@ def _forward_fn(spec: forward.ForwardSpec, output: str):
   return jax.jit(lambda p, b: forward.compute_logps(spec, p, None, b)[output])
 
 
-def reward_scores(model: Model, seqs, batch_size: int = 16) -> np.ndarray:
+def reward_scores(model: Model, seqs, batch_size: int = 16, *,
+                  pow2_widths: bool = False) -> np.ndarray:
   """Reward-head score of each sequence -> [N] float32 (the training forward's reward branch)."""
   if "reward_head" not in model.params:
     trained = (model.run_config or {}).get("objective", {}).get("name", "?")
@@ -156,7 +160,8 @@ def reward_scores(model: Model, seqs, batch_size: int = 16) -> np.ndarray:
                      "a reward model is trained with configs/rm.py. For an implicit PRM pass "
                      "--ref as well")
   fn = _forward_fn(forward.ForwardSpec(model_cfg=model.cfg, head="reward"), "reward")
-  out = [np.asarray(fn(model.params, b))[:n] for b, n in _batches(seqs, batch_size)]
+  out = [np.asarray(fn(model.params, b))[:n]
+         for b, n in _batches(seqs, batch_size, pow2_widths)]
   return np.concatenate(out).astype(np.float32)
 
 

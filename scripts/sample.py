@@ -284,12 +284,9 @@ def make_reward_fn(args, rows, wheres):
 
     return named
 
-  import jax
   from jpost import data as jdata
   from jpost import scoring
-  from jpost.data import batching
   from jpost.data.schema import RowError
-  from jpost.train import forward
 
   try:
     rm = scoring.load_model(args.reward_model, args.dtype)
@@ -305,12 +302,6 @@ def make_reward_fn(args, rows, wheres):
                           loss_on="completion", max_len=data_cfg.max_len,
                           overlong=data_cfg.overlong)
 
-  # The head read at each sequence's last token, as scoring.reward_scores does, but jitted once:
-  # a chain scores every step, and full batches of power-of-two widths keep the compiles few.
-  spec = forward.ForwardSpec(model_cfg=rm.cfg, head="reward")
-  score_fn = jax.jit(lambda p, b: forward.compute_logps(spec, p, None, b)["reward"])
-  rm_params = jax.device_put(rm.params)
-
   def model(idx, texts):
     seqs = []
     for i, text in zip(idx, texts):
@@ -319,14 +310,9 @@ def make_reward_fn(args, rows, wheres):
       except RowError as e:
         raise InputError(f"{wheres[i]}: cannot encode a completion for the reward model: "
                          f"{e}") from None
-    width = max(16, 1 << (max(len(q.ids) for q in seqs) - 1).bit_length())
-    out = []
-    for start in range(0, len(seqs), args.batch_size):
-      chunk = [[q] for q in seqs[start:start + args.batch_size]]
-      n = len(chunk)
-      batch = batching.unpacked_batch(chunk + [None] * (args.batch_size - n), width, 1)
-      out.append(np.asarray(score_fn(rm_params, batch))[:n])
-    return np.concatenate(out).astype(np.float64)
+    # A chain scores every step: power-of-two widths keep the compiles few.
+    scores = scoring.reward_scores(rm, seqs, args.batch_size, pow2_widths=True)
+    return scores.astype(np.float64)
 
   return model
 
