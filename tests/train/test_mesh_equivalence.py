@@ -1,7 +1,8 @@
 """Sharded train steps equal the one-device step (DESIGN.md section 7).
 
-SFT (nll), DPO (sigmoid, with the reference model) and GRPO (the grpo preset: clipped ratio to
-old log-probs, k3 KL to the reference, entropy logged) run 3 optimiser steps under (data=8),
+SFT (nll), DPO (sigmoid, with the reference model), GRPO (the grpo preset: clipped ratio to
+old log-probs, k3 KL to the reference, entropy logged) and SFT with a full-vocabulary token KL
+to the reference (sft_kl: jpost.ops.token_kl under shard_map) run 3 optimiser steps under (data=8),
 (fsdp=8), (fsdp=4, tensor=2) and (data=2, fsdp=2, tensor=2) on the 8 fake CPU devices of
 tests/conftest.py, and must give the losses and final params of the same steps on
 `jax.devices()[:1]` within 1e-5 relative (float32). The state and batches are placed as the
@@ -115,7 +116,7 @@ def _case(name):
                                    batch_size=per_step, seed=0)
     host = [next(it) for _ in range(STEPS)]
   params, ref = {"lm": lm}, None
-  if objective.needs_ref:
+  if objective.needs_ref or objective.needs_kl:
     # The policy a little away from the reference, so the KL / DPO terms have gradients.
     params, ref = {"lm": jax.tree.map(lambda x: x * 1.05, lm)}, {"lm": lm}
   return (objective, model_cfg, params, ref, [tbatches.stack([b]) for b in host], loss_scale)
@@ -130,7 +131,8 @@ def _train(name, mesh):
   rules = sharding.default_rules()
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
   spec = forward.ForwardSpec(model_cfg=model_cfg, needs_ref=objective.needs_ref,
-                             needs_entropy=objective.needs_entropy, impl="blockwise")
+                             needs_entropy=objective.needs_entropy, needs_kl=objective.needs_kl,
+                             impl="blockwise")
   with sharding.axis_rules(rules, mesh):
     axes = {"lm": models.param_logical_axes(model_cfg)}
     param_shardings = sharding.logical_to_sharding(
@@ -162,22 +164,27 @@ def _one_device(name):
 # through the vocabulary-sharded op, on the mesh with all three axes). The other 8 cells of the
 # 3 x 4 grid are marked slow: each is a train-step compile, ~10 s of CPU on these machines.
 DEFAULT = {("nll", "data8"), ("nll", "fsdp4-tensor2"), ("sigmoid", "fsdp8"),
-           ("grpo", "data2-fsdp2-tensor2")}
+           ("grpo", "data2-fsdp2-tensor2"), ("sft_kl", "data2-fsdp2-tensor2")}
 GRID = [pytest.param(name, mesh, marks=() if (name, mesh) in DEFAULT else pytest.mark.slow)
-        for name in ("nll", "sigmoid", "grpo") for mesh in MESHES]
+        for name in ("nll", "sigmoid", "grpo", "sft_kl") for mesh in MESHES]
 
 
 @pytest.mark.parametrize("name,mesh_name", GRID)
 def test_sharded_steps_equal_one_device(name, mesh_name, monkeypatch):
   want, want_params = _one_device(name)
-  layouts = []
-  original = sharded.token_logprobs
+  layouts, kl_layouts = [], []
+  original, original_kl = sharded.token_logprobs, sharded.token_kl
 
   def recording(h, w, labels, layout, **kw):
     layouts.append(layout)
     return original(h, w, labels, layout, **kw)
 
+  def recording_kl(h, w, h_ref, w_ref, labels, layout, **kw):
+    kl_layouts.append(layout)
+    return original_kl(h, w, h_ref, w_ref, labels, layout, **kw)
+
   monkeypatch.setattr(sharded, "token_logprobs", recording)
+  monkeypatch.setattr(sharded, "token_kl", recording_kl)
   mesh = sharding.make_mesh(**MESHES[mesh_name])
   got, params = _train(name, mesh)
 
@@ -191,6 +198,9 @@ def test_sharded_steps_equal_one_device(name, mesh_name, monkeypatch):
     token_axes, vocab_axes = token_axes + vocab_axes, ()
   assert layouts and {(lay.token_axes, lay.vocab_axes) for lay in layouts} == {
       (token_axes, vocab_axes)}
+  # The token KL of sft_kl (full-vocabulary KL to the reference) went the same way.
+  assert bool(kl_layouts) == bool(registry.get_objective(name).needs_kl)
+  assert {(lay.token_axes, lay.vocab_axes) for lay in kl_layouts} <= {(token_axes, vocab_axes)}
 
   assert set(got) == set(want)
   for key in want:
