@@ -7,6 +7,7 @@ Einsum legend: B batch, T query tokens, S key tokens, H query heads, G kv heads,
 heads per kv head, K head_dim.
 """
 import functools
+import logging
 import math
 
 import jax
@@ -79,14 +80,53 @@ def make_mask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS, *, sliding_w
   return mask[:, None]
 
 
+def auto_impl(*, backend, dtype, softcap, sliding_window, head_dim, seq_len,
+              compute_capability=None):
+  """The fused kernel 'auto' runs full-sequence attention with, or None for XLA's attention.
+
+  GPU: cuDNN flash attention where it applies (bf16 / fp16 compute, no soft-cap, head_dim a
+  multiple of 8 up to 128, or 256 from Hopper (compute capability 9.0) on, and an even length,
+  which cuDNN needs with a mask). TPU: splash, unless the model has sliding windows (not wired).
+  Elsewhere, or when a condition fails, XLA's attention, which materialises the [T, S] scores
+  of every head (at T = 2048 that is most of a 1B model's training memory).
+  """
+  if backend == "gpu":
+    head_max = 256 if compute_capability and float(compute_capability) >= 9.0 else 128
+    if (softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0 and head_dim <= head_max and seq_len % 2 == 0):
+      return "cudnn"
+  elif backend == "tpu" and sliding_window is None:
+    return "splash"
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_auto_choice(choice, reason):
+  logging.getLogger(__name__).info("attention 'auto' -> %s (%s)", choice, reason)
+
+
+def _resolve_auto(q_BTHK, softcap, sliding_window):
+  backend = jax.default_backend()
+  capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
+  choice = auto_impl(backend=backend, dtype=q_BTHK.dtype, softcap=softcap,
+                     sliding_window=sliding_window, head_dim=q_BTHK.shape[-1],
+                     seq_len=q_BTHK.shape[1], compute_capability=capability)
+  _log_auto_choice(choice or "xla", f"{backend}, {jnp.dtype(q_BTHK.dtype).name}, head_dim "
+                   f"{q_BTHK.shape[-1]}, softcap {softcap}, window {sliding_window}")
+  return choice
+
+
 def attend(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap=None, impl="auto",
-           segment_ids=None):
+           segment_ids=None, sliding_window=None):
   """Multi-head attention with grouped kv heads -> [B, T, H, K] in the dtype of q.
 
   impl:
-    'auto'    `jax.nn.dot_product_attention` without naming an implementation, which in jax 0.10
-              is XLA's attention on every backend (it does not pick cuDNN by itself); it cannot
-              soft-cap the scores, so Gemma 2 takes the explicit path.
+    'auto'    full-sequence attention takes the backend's fused kernel where it applies
+              (`auto_impl`: 'cudnn' on GPU, 'splash' on TPU; the choice is logged once), else
+              `jax.nn.dot_product_attention` without naming an implementation (XLA's attention
+              in jax 0.10, which does not pick cuDNN by itself), or the explicit path when the
+              scores are soft-capped (Gemma 2). `sliding_window` (the model's) only informs
+              this choice: the window itself is in the mask.
     'xla'     the explicit path below (float32 scores, GQA without repeating k / v).
     'cudnn'   `jax.nn.dot_product_attention(implementation='cudnn')`: cuDNN's fused flash
               attention (GPU only, bf16 / fp16, no soft-cap). The mask goes in as is (jax turns
@@ -103,6 +143,8 @@ def attend(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap=None, impl="auto
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
   full_sequence = q_BTHK.shape[1] == k_BSGK.shape[1]
+  if impl == "auto" and full_sequence:
+    impl = _resolve_auto(q_BTHK, softcap, sliding_window) or "auto"
   if impl == "cudnn":
     _check_cudnn(q_BTHK.dtype, softcap)
     if full_sequence:

@@ -65,8 +65,8 @@ class ModelConfig:
   dtype: str = "bfloat16"           # compute dtype (activations, matmul inputs)
   param_dtype: str = "float32"      # stored (master) weights and the optimiser state
   remat: str = "none"               # 'none' | 'full' | 'dots' | 'dots_no_batch'
-  # 'auto': jax.nn.dot_product_attention unless soft-capped (XLA's attention: jax 0.10 does not
-  # pick cuDNN by itself); 'xla': always the explicit path; 'cudnn' (GPU) / 'splash' (TPU): fused
+  # 'auto': the backend's fused kernel where it applies (cuDNN flash on GPU, splash on TPU),
+  # else XLA's attention; 'xla': always the explicit path; 'cudnn' (GPU) / 'splash' (TPU): the
   # kernels, which fail with a clear error elsewhere. See jpost.models.attention.attend.
   attention_impl: str = "auto"
 
@@ -195,8 +195,8 @@ def write_model_config_json(cfg: ModelConfig, path: str) -> None:
 
 
 def read_model_config_json(path: str) -> ModelConfig:
-  with open(path) as f:
-    raw = json.load(f)
+  from etils import epath   # local or gs:// workdirs
+  raw = json.loads(epath.Path(path).read_text())
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(raw) - known)
   if unknown:

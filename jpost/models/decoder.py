@@ -151,7 +151,8 @@ class Attention(nn.Module):
                                sliding_window=cfg.sliding_window, is_sliding=is_sliding)
     o_BTHK = attention.attend(q_BTHK, keys, values, mask, scale=cfg.attn_scale,
                               softcap=cfg.attn_softcap, impl=cfg.attention_impl,
-                              segment_ids=(segment_ids_BT, kv_segment_BS))
+                              segment_ids=(segment_ids_BT, kv_segment_BS),
+                              sliding_window=cfg.sliding_window)
     o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "head_dim"))
     o_BTD = Proj(cfg, "bthk,hkd->btd", (h, k, d), ("heads", "head_dim", "embed"),
                  name="o_proj")(o_BTHK)

@@ -54,10 +54,11 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
       # in the backward pass) | dots (save matmul outputs) | dots_no_batch (save only matmul
       # outputs without batch dims, i.e. weight-like ones).
       remat="none",
-      # Full-sequence attention: auto (jax.nn.dot_product_attention; the explicit path when
-      # soft-capped) | xla (explicit path) | cudnn (cuDNN flash attention; GPU, bf16, no
-      # soft-cap) | splash (Pallas splash kernel; TPU, no sliding window). A kernel the backend
-      # lacks is an error, not a fallback; KV-cache decode steps always use the XLA path.
+      # Full-sequence attention: auto (cudnn on GPU / splash on TPU where they apply, else
+      # XLA's attention; logged) | xla (explicit path) | cudnn (cuDNN flash attention; GPU,
+      # bf16, no soft-cap) | splash (Pallas splash kernel; TPU, no sliding window). A kernel
+      # named explicitly that the backend lacks is an error, not a fallback; KV-cache decode
+      # steps always use the XLA path.
       attention="auto",
   )
   c.objective = obj.default_config().to_dict()

@@ -199,6 +199,42 @@ def test_kernel_attention_off_its_backend_is_a_clear_error(monkeypatch):
     models.get_model_config("tiny", attention_impl="flash")
 
 
+def test_auto_attention_picks_the_backend_kernel_where_it_applies():
+  choose = lambda **kw: attention.auto_impl(**{
+      **dict(backend="gpu", dtype=jnp.bfloat16, softcap=None, sliding_window=None, head_dim=128,
+             seq_len=2048, compute_capability="9.0"), **kw})
+  assert choose() == "cudnn"
+  assert choose(sliding_window=4096) == "cudnn"             # the window is in the mask
+  assert choose(dtype=jnp.float32) is None                  # cuDNN flash: bf16 / fp16 only
+  assert choose(softcap=50.0) is None                       # Gemma 2: XLA's explicit path
+  assert choose(seq_len=2047) is None                       # cuDNN needs even lengths with a mask
+  assert choose(head_dim=256) == "cudnn"                    # Hopper: up to 256
+  assert choose(head_dim=256, compute_capability="8.0") is None
+  assert choose(head_dim=100) is None                       # not a multiple of 8
+  assert choose(backend="tpu") == "splash"
+  assert choose(backend="tpu", softcap=50.0) == "splash"    # splash soft-caps itself
+  assert choose(backend="tpu", sliding_window=4096) is None
+  assert choose(backend="cpu") is None
+
+
+def test_auto_attention_routes_to_cudnn_on_a_gpu(monkeypatch):
+  """With the backend faked to 'gpu', 'auto' asks jax for cuDNN exactly where auto_impl says so
+  (the call is recorded, not run: there is no GPU here)."""
+  calls = []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda q, k, v, **kw: calls.append(kw.get("implementation")) or q)
+  kv = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+  mask = jnp.ones((1, 1, 4, 4), bool)
+  attention.attend(jnp.ones((1, 4, 4, 8), jnp.bfloat16), kv, kv, mask, scale=0.5)
+  attention.attend(jnp.ones((1, 4, 4, 8), jnp.float32), kv.astype(jnp.float32),
+                   kv.astype(jnp.float32), mask, scale=0.5)
+  assert calls == ["cudnn", None]
+  # A KV-cache decode step (one query against a longer cache) never takes a kernel.
+  attention.attend(jnp.ones((1, 1, 4, 8), jnp.bfloat16), kv, kv, mask[:, :, :1], scale=0.5)
+  assert calls == ["cudnn", None, None]
+
+
 def test_splash_kernel_matches_xla_attention_in_interpret_mode():
   """The splash wiring (scale, heads-first layout, GQA, segment ids, soft-cap, padding to a
   multiple of 128, shard_map over a data x fsdp x tensor mesh) against the explicit path, values
