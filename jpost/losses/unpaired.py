@@ -8,10 +8,10 @@ the global `denom_examples`, so they are additive over micro-batches.
 Batch-level statistics, and what that means for gradient accumulation:
 - KTO's reference point z is a mean over the mismatched rows of the batch. Under `jit` the batch is
   one global array sharded over the data axes, so that mean *is* the all-reduce across data shards
-  the spec asks for (XLA inserts it). With gradient accumulation each micro-batch computes its own
-  z (as TRL does); a train step wanting one z for the whole step writes it into every micro-batch
-  as the scalar `batch['kto_z']` (e.g. `kto_reference_point` over all micro-batches), which makes
-  the loss exactly additive.
+  the spec asks for (XLA inserts it). With gradient accumulation the train step computes z over
+  all its micro-batches first (`kto_mismatch_sums` added up, a no-gradient pass over the
+  mismatched pairs) and writes it into every micro-batch as the scalar `batch['kto_z']`, so the
+  step's loss is exactly the one-large-batch loss (TRL lets each micro-batch use its own z).
 - BCO's shift is a running mean over all past steps, carried in the train state; see `bco`.
 
 Metrics over a subset of rows (`rewards/chosen` over desirable rows, ...) divide by the global
@@ -86,11 +86,21 @@ def kto_reference_point(logps, batch):
   Mismatched row i (`mismatch_*` keys) is completion i after prompt i+1; it is valid when example
   i is. The mean is over this batch's valid rows (see the module docstring on accumulation).
   """
+  total, count = kto_mismatch_sums(logps, batch)
+  return kto_z_from_sums(total, count)
+
+
+def kto_mismatch_sums(logps, batch):
+  """(sum over valid mismatched rows of S_theta(y') - S_ref(y'), number of those rows): the two
+  parts of z, which add up over micro-batches."""
   valid = batch["example_valid"]
   pol = common.sequence_sums(logps["mismatch_policy"], batch, prefix="mismatch_")
   ref = common.ref_sequence_sums(logps, batch, prefix="mismatch_")
-  mean = jnp.sum((pol - ref) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-  return sg(jnp.maximum(mean, 0.0))
+  return jnp.sum((pol - ref) * valid), jnp.sum(valid)
+
+
+def kto_z_from_sums(total, count):
+  return sg(jnp.maximum(total / jnp.maximum(count, 1.0), 0.0))
 
 
 def kto(logps, batch, cfg):

@@ -94,13 +94,23 @@ def compute_logps(spec: ForwardSpec, params, ref_params, batch, rng=None):
           batch["targets"], batch["loss_mask"], softcap=cfg.final_softcap,
           temperature=spec.temperature, impl=spec.impl)
 
-  if spec.needs_mismatch:
-    h_mm = hidden(cfg, lm, batch, prefix="mismatch_")
-    logps["mismatch_policy"], _ = _token_logps(spec, lm, h_mm, batch, prefix="mismatch_")
-    ref_lm = reference_lm(params, ref_params)
-    h_mm_ref = hidden(cfg, ref_lm, batch, prefix="mismatch_")
-    logps["mismatch_ref"], _ = _token_logps(spec, ref_lm, h_mm_ref, batch, prefix="mismatch_")
+  # KTO's mismatched pairs serve only its reference point z; a step that computed z for all its
+  # micro-batches at once passes it as `kto_z` (jpost/train/step.py), and they are not rerun.
+  if spec.needs_mismatch and "kto_z" not in batch:
+    logps.update(mismatch_logps(spec, params, ref_params, batch, rng, lm=lm))
   return logps
+
+
+def mismatch_logps(spec: ForwardSpec, params, ref_params, batch, rng=None, *, lm=None):
+  """{'mismatch_policy', 'mismatch_ref'}: token log-probs of the mismatched pairs (`mismatch_*`
+  batch keys: completion i after prompt i + 1) under the policy and the reference."""
+  cfg = spec.model_cfg
+  lm = policy_lm(spec, params, rng) if lm is None else lm
+  h_mm = hidden(cfg, lm, batch, prefix="mismatch_")
+  ref_lm = reference_lm(params, ref_params)
+  h_mm_ref = hidden(cfg, ref_lm, batch, prefix="mismatch_")
+  return {"mismatch_policy": _token_logps(spec, lm, h_mm, batch, prefix="mismatch_")[0],
+          "mismatch_ref": _token_logps(spec, ref_lm, h_mm_ref, batch, prefix="mismatch_")[0]}
 
 
 def greedy_match(model_cfg, lm_params, h_BTD, batch, vocab_block=2048):

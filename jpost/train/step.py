@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jpost.losses import unpaired
 from jpost.train import forward
 
 
@@ -62,6 +63,18 @@ def with_global_denominators(batch, denom_unit: str):
   return dict(batch, denom_tokens=jnp.full((k,), tokens), denom_examples=jnp.full((k,), examples))
 
 
+def with_whole_step_kto_z(spec: forward.ForwardSpec, params, ref_params, batch):
+  """KTO's z over all k micro-batches (ALGORITHMS.md: a mean over the batch), written into each
+  as `kto_z` [k]. One no-gradient pass over the mismatched pairs (without LoRA dropout); the
+  gradient pass then skips them, so accumulation costs no extra forward."""
+  def sums(mb):
+    return unpaired.kto_mismatch_sums(forward.mismatch_logps(spec, params, ref_params, mb), mb)
+
+  totals, counts = jax.lax.map(sums, batch)
+  z = unpaired.kto_z_from_sums(jnp.sum(totals), jnp.sum(counts))
+  return dict(batch, kto_z=jnp.broadcast_to(z, totals.shape))
+
+
 def combine_metrics(stacked):
   """Micro-batch metrics [k] -> one value: additive by contract, `_max` / `_min` by max / min."""
   def one(name, v):
@@ -100,6 +113,8 @@ def make_train_step(spec: forward.ForwardSpec, loss_fn: Callable, loss_cfg, deno
 
   def train_step(state: TrainState, ref_params, batch):
     batch = with_global_denominators(batch, denom_unit)
+    if spec.needs_mismatch and batch["loss_mask"].shape[0] > 1:
+      batch = with_whole_step_kto_z(spec, state.params, ref_params, batch)
 
     train_params = trainable(state.params)
 
