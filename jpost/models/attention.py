@@ -237,6 +237,38 @@ def _splash_rows(q_BHTK, k_BGTK, v_BGTK, segment_ids_BT, *, softcap, interpret):
   return jax.vmap(one_row)(q_BHTK, k_BGTK, v_BGTK, segment_ids_BT)
 
 
+def attend_cached(q_BTHK, k_cache_BSGK, v_cache_BSGK, cache_mask_B1TS, k_BTGK, v_BTGK,
+                  new_mask_B1TT, *, scale, softcap=None):
+  """T new queries over a KV cache plus the T new keys themselves -> [B, T, H, K] (decode).
+
+  The same attention as writing the new keys into the cache and attending over it, without that
+  write: updating a layer's cache slice before attending copies the whole slice, every layer and
+  every decode step, where reading it once is all attention needs (the loop writes the new keys
+  into the stacked cache afterwards, in place). The two score blocks share one softmax. Explicit
+  XLA path (float32 scores, GQA without repeating k / v), soft-cap as in `_attend_xla`.
+  """
+  b, t, h, k = q_BTHK.shape
+  g = k_cache_BSGK.shape[2]
+  q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
+
+  def scores(keys_BSGK, mask_B1TS):
+    s_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, keys_BSGK,
+                         preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+      s_BGRTS = jnp.tanh(s_BGRTS / softcap) * softcap
+    return jnp.where(mask_B1TS[:, :, None], s_BGRTS, _MASK_VALUE)
+
+  s = k_cache_BSGK.shape[1]
+  probs = jax.nn.softmax(jnp.concatenate([scores(k_cache_BSGK, cache_mask_B1TS),
+                                          scores(k_BTGK, new_mask_B1TT)], axis=-1), axis=-1)
+  dtype = v_cache_BSGK.dtype
+  out_BTGRK = (jnp.einsum("bgrts,bsgk->btgrk", probs[..., :s].astype(dtype), v_cache_BSGK,
+                          preferred_element_type=jnp.float32)
+               + jnp.einsum("bgrts,bsgk->btgrk", probs[..., s:].astype(dtype),
+                            v_BTGK.astype(dtype), preferred_element_type=jnp.float32))
+  return out_BTGRK.reshape(b, t, h, k).astype(q_BTHK.dtype)
+
+
 def _attend_xla(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap):
   b, t, h, k = q_BTHK.shape
   g = k_BSGK.shape[2]

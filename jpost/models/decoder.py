@@ -136,23 +136,28 @@ class Attention(nn.Module):
     t = x_BTD.shape[1]
     if self.mode == "decode":
       k_cache_BSGK, v_cache_BSGK, kv_segment_BS, index = cache
-      keys = jax.lax.dynamic_update_slice(k_cache_BSGK, k_BTGK.astype(k_cache_BSGK.dtype),
-                                          (0, index, 0, 0)).astype(k_BTGK.dtype)
-      values = jax.lax.dynamic_update_slice(v_cache_BSGK, v_BTGK.astype(v_cache_BSGK.dtype),
-                                            (0, index, 0, 0)).astype(v_BTGK.dtype)
-      keys = _constrain(keys, ("batch", "length", "kv_heads", "head_dim"))
-      values = _constrain(values, ("batch", "length", "kv_heads", "head_dim"))
+      # The new keys as the cache will hold them (its dtype), so later steps see the same values.
+      as_cached = lambda x: x.astype(k_cache_BSGK.dtype).astype(x.dtype)
       q_index_BT = jnp.broadcast_to(index + jnp.arange(t), segment_ids_BT.shape)
-      kv_index_BS = jnp.broadcast_to(jnp.arange(keys.shape[1]), kv_segment_BS.shape)
+      kv_index_BS = jnp.broadcast_to(jnp.arange(k_cache_BSGK.shape[1]), kv_segment_BS.shape)
+      # Cache slots before `index` (later ones are stale or empty), and the new tokens causally.
+      cache_mask = attention.make_mask(
+          segment_ids_BT, kv_segment_BS, q_index_BT, kv_index_BS,
+          sliding_window=cfg.sliding_window, is_sliding=is_sliding) & (kv_index_BS < index)[
+              :, None, None, :]
+      new_mask = attention.make_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT,
+                                     sliding_window=cfg.sliding_window, is_sliding=is_sliding)
+      o_BTHK = attention.attend_cached(
+          q_BTHK, k_cache_BSGK, v_cache_BSGK, cache_mask, as_cached(k_BTGK), as_cached(v_BTGK),
+          new_mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
     else:
-      keys, values, kv_segment_BS = k_BTGK, v_BTGK, segment_ids_BT
-      q_index_BT = kv_index_BS = jnp.broadcast_to(jnp.arange(t), segment_ids_BT.shape)
-    mask = attention.make_mask(segment_ids_BT, kv_segment_BS, q_index_BT, kv_index_BS,
-                               sliding_window=cfg.sliding_window, is_sliding=is_sliding)
-    o_BTHK = attention.attend(q_BTHK, keys, values, mask, scale=cfg.attn_scale,
-                              softcap=cfg.attn_softcap, impl=cfg.attention_impl,
-                              segment_ids=(segment_ids_BT, kv_segment_BS),
-                              sliding_window=cfg.sliding_window)
+      q_index_BT = jnp.broadcast_to(jnp.arange(t), segment_ids_BT.shape)
+      mask = attention.make_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT,
+                                 sliding_window=cfg.sliding_window, is_sliding=is_sliding)
+      o_BTHK = attention.attend(q_BTHK, k_BTGK, v_BTGK, mask, scale=cfg.attn_scale,
+                                softcap=cfg.attn_softcap, impl=cfg.attention_impl,
+                                segment_ids=(segment_ids_BT, segment_ids_BT),
+                                sliding_window=cfg.sliding_window)
     o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "head_dim"))
     o_BTD = Proj(cfg, "bthk,hkd->btd", (h, k, d), ("heads", "head_dim", "embed"),
                  name="o_proj")(o_BTHK)
