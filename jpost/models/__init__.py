@@ -11,6 +11,7 @@ from jpost.models.decoder import CACHE_AXES
 from jpost.models.decoder import apply
 from jpost.models.decoder import compute_weights
 from jpost.models.decoder import decode_step
+from jpost.models.decoder import grow_cache
 from jpost.models.decoder import init_cache
 from jpost.models.decoder import init_params
 from jpost.models.decoder import logits
@@ -25,7 +26,7 @@ from jpost.models.hf import save_hf
 
 __all__ = [
     "ModelConfig", "get_model_config", "model_names", "read_model_config_json",
-    "write_model_config_json", "apply", "compute_weights", "init_params", "logits", "param_logical_axes",
-    "param_shapes", "unembedding", "CACHE_AXES", "init_cache", "prefill", "decode_step",
-    "config_from_hf", "config_to_hf", "load_hf", "save_hf",
+    "write_model_config_json", "apply", "compute_weights", "init_params", "logits",
+    "param_logical_axes", "param_shapes", "unembedding", "CACHE_AXES", "init_cache", "grow_cache",
+    "prefill", "decode_step", "config_from_hf", "config_to_hf", "load_hf", "save_hf",
 ]

@@ -438,6 +438,18 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   return _init_cache(cfg, int(batch), int(max_len), dtype, _current_rules())
 
 
+def grow_cache(cache: dict, max_len: int) -> dict:
+  """The cache with empty slots appended up to `max_len` (a copy: done between decode phases,
+  not per step); written slots keep their contents."""
+  extra = int(max_len) - cache["k"].shape[2]
+  if extra < 0:
+    raise ValueError(f"grow_cache: {cache['k'].shape[2]} slots cannot shrink to {max_len}")
+  kv_pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
+  with nn.logical_axis_rules(_current_rules()):
+    return _constrain_cache({"k": jnp.pad(cache["k"], kv_pad), "v": jnp.pad(cache["v"], kv_pad),
+                             "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, extra)))})
+
+
 def _write_cache(cache, k_LBTGK, v_LBTGK, segment_ids_BT, index):
   """Writes T new tokens' k, v and segment ids at slots [index, index + T) (in place under jit)."""
   dtype = cache["k"].dtype

@@ -49,6 +49,10 @@ class SamplingConfig:
   # Token-id sequences; a row stops once it has generated one (the stop tokens stay in it).
   stop_sequences: tuple[tuple[int, ...], ...] = ()
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+  # Decode runs in this many phases over a cache grown between them, so early tokens attend over
+  # the slots filled so far instead of the whole preallocated cache (`decode_phase_ends`); each
+  # phase compiles its own loop body.
+  decode_phases: int = 4
 
   def __post_init__(self):
     # Hashable fields: the config keys the cache of jitted functions (lists come from configs).
@@ -67,6 +71,8 @@ class SamplingConfig:
       problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
     if any(not s for s in self.stop_sequences):
       problems.append("stop_sequences holds an empty sequence")
+    if self.decode_phases < 1:
+      problems.append(f"decode_phases={self.decode_phases} must be >= 1")
     if not self.prompt_buckets or self.prompt_buckets[0] < 1:
       problems.append(f"prompt_buckets={self.prompt_buckets} must be positive widths")
     if problems:
@@ -135,6 +141,15 @@ def _sample(a_BV, key, sc: SamplingConfig):
   return tokens_B, logp_B
 
 
+def decode_phase_ends(max_new_tokens: int, phases: int) -> tuple[int, ...]:
+  """Token counts at which the decode phases end: equal shares of `max_new_tokens` (fewer phases
+  when there are fewer tokens). During the phase ending at e the cache holds prompt + e - 1 slots.
+  Attention reads grow with the slots, so with P phases a long generation reads about
+  (P + 1) / (2 P) of the whole-cache amount for its generated part (5/8 at P = 4)."""
+  phases = max(1, min(phases, max_new_tokens))
+  return tuple(sorted({-(-max_new_tokens * (j + 1) // phases) for j in range(phases)}))
+
+
 def _next_logits(model_cfg, lm_params, h_BD):
   """[B, V] float32 logits of the last hidden states (soft-capped): never [B, T, V]."""
   a_BV = jnp.einsum("bd,dv->bv", h_BD, models.unembedding(model_cfg, lm_params),
@@ -156,8 +171,10 @@ def _generate_traced(model_cfg, sc, lm_params, prompt_BT, lengths_B, rng):
   n = sc.max_new_tokens
   batch = lambda x: nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
   positions_BT, segment_ids_BT = prompt_layout(lengths_B, t)
-  # The last sampled token is never fed back, so n - 1 generated slots suffice.
-  cache = models.init_cache(model_cfg, b, t + n - 1)
+  # The last sampled token is never fed back, so n - 1 generated slots suffice; the phase ending
+  # at e feeds tokens up to e - 2 (slots < t + e - 1).
+  ends = decode_phase_ends(n, sc.decode_phases)
+  cache = models.init_cache(model_cfg, b, t + ends[0] - 1)
   h_BTD, cache = models.prefill(model_cfg, lm_params, prompt_BT, positions_BT, segment_ids_BT,
                                 cache)
   row_segment_B1 = (lengths_B[:, None] > 0).astype(jnp.int32)
@@ -205,7 +222,11 @@ def _generate_traced(model_cfg, sc, lm_params, prompt_BT, lengths_B, rng):
   state = dict(i=jnp.int32(0), cache=cache, tokens=batch(jnp.zeros((b, n), jnp.int32)),
                logps=batch(jnp.zeros((b, n), jnp.float32)), lengths=jnp.zeros(b, jnp.int32),
                recent=jnp.full((b, m), -1, jnp.int32), done=empty_B, stopped=empty_B)
-  state = jax.lax.while_loop(cond, body, emit(state, h_BTD[:, -1]))
+  state = emit(state, h_BTD[:, -1])
+  for j, end in enumerate(ends):
+    if j:
+      state["cache"] = models.grow_cache(state["cache"], t + end - 1)
+    state = jax.lax.while_loop(lambda s, end=end: cond(s) & (s["i"] < end), body, state)
   return {k: state[k] for k in ("tokens", "logps", "lengths", "stopped")}
 
 
