@@ -1,5 +1,6 @@
 """Helpers shared by tests that run the scripts: one-device and multi-process subprocess runs,
 metrics by step, loading a script as a module. (tests/ is on sys.path through tests/conftest.py.)"""
+import contextlib
 import importlib.util
 import json
 import os
@@ -145,3 +146,56 @@ def load_config(name, *args):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
+
+
+@contextlib.contextmanager
+def fake_gcs(root, monkeypatch):
+  """gs://BUCKET/PATH served from root/BUCKET/PATH through fsspec, as etils.epath reaches real
+  GCS (gcsfs). Appends are refused, as objects cannot be appended to; renames (a copy and a
+  delete on GCS, not atomic) work but are logged in `.renamed`. Yields the file system class
+  (`.root`, `.renamed`)."""
+  from etils.epath import backend
+  from fsspec.implementations.local import LocalFileSystem
+  root = str(root)
+  os.makedirs(root, exist_ok=True)
+
+  class FakeGCS(LocalFileSystem):
+    protocol = ("gs", "gcs")
+    renamed = []
+
+    def __init__(self, *args, finalize_on_close=False, **kw):
+      del finalize_on_close
+      super().__init__(*args, **kw)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      path = os.fspath(path)
+      for prefix in ("gs://", "gcs://"):
+        if path.startswith(prefix):
+          path = path[len(prefix):]
+      if path.startswith(root):
+        return path
+      return f"{root}/{path}"
+
+    def _open(self, path, mode="rb", **kw):
+      if "a" in mode:
+        raise NotImplementedError("fake GCS: objects cannot be appended to")
+      if "w" in mode:   # object names need no parent "directories"
+        os.makedirs(os.path.dirname(self._strip_protocol(path)), exist_ok=True)
+      return super()._open(path, mode, **kw)
+
+    def mv(self, path1, path2, *args, **kw):
+      FakeGCS.renamed.append((path1, path2))
+      return super().mv(path1, path2, *args, **kw)
+
+  FakeGCS.root = root
+  # The module itself: the attribute `fsspec.registry` is a read-only view of this dict.
+  registry = importlib.import_module("fsspec.registry")._registry
+  for name in ("gs", "gcs"):
+    monkeypatch.setitem(registry, name, FakeGCS)
+  backend.fsspec_backend._get_filesystem.cache_clear()
+  monkeypatch.setattr("etils.epath.gpath._is_tf_installed", lambda: False, raising=False)
+  try:
+    yield FakeGCS
+  finally:
+    backend.fsspec_backend._get_filesystem.cache_clear()

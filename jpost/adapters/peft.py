@@ -13,6 +13,7 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 
 from jpost.adapters import lora
 from jpost.models import safetensors_io
@@ -60,12 +61,13 @@ def adapter_config(spec: lora.LoraSpec, base_model_name_or_path: str) -> dict:
 
 
 def save(path: str, adapters, spec: lora.LoraSpec, base_model_name_or_path: str) -> None:
-  """Writes adapter_config.json + adapter_model.safetensors into `path`."""
-  os.makedirs(path, exist_ok=True)
-  safetensors_io.write(os.path.join(path, WEIGHTS_FILE), adapter_tensors(adapters, spec),
+  """Writes adapter_config.json + adapter_model.safetensors into `path` (local or gs://)."""
+  out = epath.Path(path)
+  out.mkdir(parents=True, exist_ok=True)
+  safetensors_io.write(os.fspath(out / WEIGHTS_FILE), adapter_tensors(adapters, spec),
                        {"format": "pt"})
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(adapter_config(spec, base_model_name_or_path), f, indent=2, sort_keys=True)
+  (out / CONFIG_FILE).write_text(json.dumps(adapter_config(spec, base_model_name_or_path),
+                                            indent=2, sort_keys=True))
 
 
 def load(path: str, model_cfg) -> tuple:

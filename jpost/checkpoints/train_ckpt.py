@@ -5,6 +5,14 @@ iterator state of every process and a small JSON `meta` (config fingerprint, ste
 a temporary directory and renames it on commit, so a process killed mid-save leaves the previous
 checkpoint as the latest complete one. Only orbax's array format and JSON are read back: no pickle.
 
+LoRA runs (`params = {"lm": frozen base, "lora": adapters, heads}`) save only what trains: when
+`meta` holds `FROZEN_BASE` (the fingerprint of `params["lm"]`, `base_fingerprint`), the state is
+written without `params["lm"]`, and a restore puts back the base the resuming run built from its
+config, after checking its fingerprint (`restore(..., base=)`). Readers of such a checkpoint
+outside a run (`load_params`) rebuild the base from the run's config.json the same way
+(`jpost.train.loop.lora_base`). Checkpoints of LoRA runs written before this (with `lm`) restore
+as they are.
+
 Multi-process: every process writes its shards of the state; JSON items are written by process 0
 alone, so the data iterator states are gathered to it first (`data` = {"process_count": P,
 "per_process": [state of process 0, ..., P - 1]}). Directories go through `etils.epath`, so a
@@ -15,11 +23,21 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 log = logging.getLogger(__name__)
+
+
+# meta key of a LoRA run's checkpoints: the fingerprint of its frozen base (`base_fingerprint`),
+# whose arrays (`params["lm"]`) the checkpoint leaves out.
+FROZEN_BASE = "frozen_base"
+
+
+_RESUME_HINT = ("A LoRA checkpoint holds the adapters only: the resuming run must rebuild the "
+                "same base (model.init files, lora.quantize), or use a new --workdir")
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -40,8 +58,13 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-    """Saves (async); every process calls it at the same step with its own `data_state`."""
+    """Saves (async); every process calls it at the same step with its own `data_state`.
+
+    With `meta[FROZEN_BASE]` (LoRA runs) the frozen `params["lm"]` is left out.
+    """
     states = gather_json(data_state)
+    if FROZEN_BASE in meta:
+      state = _without_base(state)
     return self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -50,19 +73,32 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)),
         force=force)
 
-  def restore(self, step: int, abstract_state, expected_meta: dict):
+  def restore(self, step: int, abstract_state, expected_meta: dict, *, base=None):
     """Restores into the shardings of `abstract_state` (ShapeDtypeStruct leaves with sharding).
 
     `expected_meta` holds what must match for an exact resume (model, objective, shapes): a
-    mismatch is an error naming the field, not a silently different run. Returns (state, the data
-    iterator states of the saving run's processes, in process order, meta).
+    mismatch is an error naming the field, not a silently different run. `base`: a LoRA run's
+    live `params["lm"]`, put into the state of a checkpoint saved without it once its
+    fingerprint matches `expected_meta[FROZEN_BASE]`. Returns (state, the data iterator states
+    of the saving run's processes, in process order, meta).
     """
+    where = f"{self.directory}/{step}"
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     for key, want in expected_meta.items():
-      if key in meta and meta[key] != want:
+      if key != FROZEN_BASE and key in meta and meta[key] != want:
         raise IncompatibleCheckpoint(
-            f"{self.directory}/{step}: checkpoint has {key}={meta[key]!r} but this run has "
+            f"{where}: checkpoint has {key}={meta[key]!r} but this run has "
             f"{key}={want!r}; use a new --workdir or make the config match")
+    adapter_only = FROZEN_BASE in meta
+    if adapter_only:
+      if FROZEN_BASE not in expected_meta:
+        raise IncompatibleCheckpoint(
+            f"{where}: an adapter-only LoRA checkpoint (no params['lm']), but this run has no "
+            "LoRA adapters (lora.rank = 0); use a new --workdir or the checkpoint's lora settings")
+      if base is None:
+        raise ValueError(f"{where}: restoring an adapter-only checkpoint needs base=params['lm']")
+      check_base(where, meta[FROZEN_BASE], expected_meta[FROZEN_BASE], _RESUME_HINT)
+      abstract_state = _without_base(abstract_state)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -71,8 +107,16 @@ class Checkpointer:
           f"{self.directory}/{step}: the saved train state does not fit this run's state "
           f"(different model, optimiser or objective?): {e}") from e
     data = restored.data
+    state = restored.state
+    if adapter_only:
+      state = _with_base(state, base)
+    elif FROZEN_BASE in expected_meta:
+      # A LoRA checkpoint written with its base: restored as it is, once that base is the one
+      # this run built (later, adapter-only saves name this run's base).
+      check_base(where, base_fingerprint(_params(state)["lm"], "params['lm'] in the checkpoint"),
+                 expected_meta[FROZEN_BASE], _RESUME_HINT)
     # Checkpoints from before per-process states hold one process's state itself.
-    return restored.state, data["per_process"] if "per_process" in data else [data], meta
+    return state, data["per_process"] if "per_process" in data else [data], meta
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -80,6 +124,82 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _params(state):
+  return state["params"] if isinstance(state, dict) else state.params
+
+
+def _replace_params(state, params):
+  return dict(state, params=params) if isinstance(state, dict) else state.replace(params=params)
+
+
+def _without_base(state):
+  """The state (a TrainState or a dict with 'params') without `params['lm']`."""
+  return _replace_params(state, {k: v for k, v in _params(state).items() if k != "lm"})
+
+
+def _with_base(state, base):
+  return _replace_params(state, dict(_params(state), lm=base))
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen base's fingerprint
+# ---------------------------------------------------------------------------------------------
+# Per leaf: dtype, shape and a 64-bit hash of its bits, computed where the arrays live. Each
+# element's bits are mixed with its flat index (murmur3's finaliser) into a uint32 and the words
+# summed modulo 2^32, twice with different seeds. Integer sums are exact and associative, so the
+# hash is the same whatever the sharding, device count or reduction order (a float checksum is
+# not, and would need a tolerance that a small change of the base slips through), one pass over
+# the base costs about as much as reading it once, and no device copies its shards to a host
+# (an 8B base would be 16 GB to hash on one host).
+
+def _fmix32(h):
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _leaf_hash(x, seed: int):
+  bits_dtype = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
+  bits = jax.lax.bitcast_convert_type(x, bits_dtype).astype(jnp.uint32)
+  index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+  for d in reversed(range(x.ndim)):       # the row-major flat index (mod 2^32), never reshaped
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * np.uint32(stride % 2**32)
+    stride *= x.shape[d]
+  words = _fmix32(bits * np.uint32((2 * seed + 1) % 2**32) + _fmix32(index ^ np.uint32(seed)))
+  return jnp.sum(words, dtype=jnp.uint32)
+
+
+def base_fingerprint(lm, source: str) -> dict:
+  """{"source": how the run built the base (shown in errors, not compared), "leaves": {path:
+  "dtype[shape] hash"}} of a LoRA run's frozen base (device or host arrays)."""
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(lm))
+  hashes = jax.jit(lambda xs: [(_leaf_hash(x, 0x9E3779B9), _leaf_hash(x, 0x7F4A7C15))
+                               for x in xs])(list(leaves))
+  # Scalars: replicated on every device, so any process reads its own copy.
+  read = lambda h: int(np.asarray(h.addressable_data(0)))
+  return {"source": source, "leaves": {
+      "/".join(str(getattr(k, "key", k)) for k in path):
+      f"{np.dtype(x.dtype).name}{list(x.shape)} {read(h1):08x}{read(h2):08x}"
+      for path, x, (h1, h2) in zip(paths, leaves, hashes)}}
+
+
+def check_base(where: str, saved: dict, current: dict, hint: str):
+  """IncompatibleCheckpoint naming the differing leaves when the frozen base `current` is not
+  the one the adapters of the checkpoint `where` were trained on (fingerprint `saved`)."""
+  old, new = saved["leaves"], current["leaves"]
+  if old == new:
+    return
+  diffs = [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}"
+           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  raise IncompatibleCheckpoint(
+      f"{where}: the LoRA adapters were trained on another frozen base (checkpoint: "
+      f"{saved['source']}; now: {current['source']}); {len(diffs)} of {len(old)} base arrays "
+      f"differ: " + "; ".join(diffs[:4]) + (f"; ... ({len(diffs) - 4} more)" if len(diffs) > 4
+                                            else "") + f". {hint}")
 
 
 def _absolute(path) -> epath.Path:
@@ -114,6 +234,9 @@ def load_params(path: str):
   Reads only the params (not the optimiser state) and restores them as numpy arrays, so neither
   the source run's optimiser nor its device topology has to match this process: a checkpoint
   written by 8 devices loads on 1 (restoring into the saved shardings would need the same mesh).
+  The checkpoint of a LoRA run holds no base: it is rebuilt from the run's config.json, as the
+  run built it (`jpost.train.loop.lora_base`, on one device), and must match the fingerprint
+  saved with the adapters.
   """
   directory = find_checkpoint_dir(path)
   if not epath.Path(directory).is_dir():
@@ -131,9 +254,41 @@ def load_params(path: str):
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=restore_args, partial_restore=True)))
+  params = restored.state["params"]
+  adapter_only = "lora" in params and "lm" not in params
+  if adapter_only:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   manager.close()
+  if adapter_only:
+    params = dict(params, lm=_rebuilt_base(directory, step, meta))
   log.info("loaded params from %s step %d", directory, step)
-  return restored.state["params"]
+  return params
+
+
+def _rebuilt_base(directory, step: int, meta: dict):
+  """The frozen base an adapter-only checkpoint left out, rebuilt from the run's config.json."""
+  import ml_collections
+  from jpost import models
+  from jpost.train import loop   # imports this module: imported when needed
+  where = f"{directory}/{step}"
+  workdir = epath.Path(directory).parent
+  if FROZEN_BASE not in meta:
+    raise IncompatibleCheckpoint(f"{where}: LoRA adapters without their base (params['lm']) "
+                                 f"and without its fingerprint in meta ({sorted(meta)})")
+  try:
+    cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    model_cfg = models.read_model_config_json(os.fspath(workdir / "model_config.json"))
+    # On the host: the caller may be inside a run's mesh (`model.init=ckpt:`), which the
+    # fingerprint's jit would not accept one-device arrays under.
+    lm = jax.device_get(loop.lora_base(cfg, model_cfg))
+  except (OSError, ValueError) as e:
+    raise IncompatibleCheckpoint(
+        f"{where}: the checkpoint holds LoRA adapters only; rebuilding their frozen base from "
+        f"{workdir}/config.json (model.init, lora.quantize) failed: {e}") from e
+  check_base(where, meta[FROZEN_BASE], loop.base_fingerprint(cfg, lm),
+             f"The checkpoint holds the adapters only and its base is rebuilt from "
+             f"{workdir}/config.json: restore the files it names (model.init)")
+  return lm
 
 
 def config_fingerprint(cfg_dict: dict) -> str:

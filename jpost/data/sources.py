@@ -1,7 +1,8 @@
 """Sources behind one spec string, each read once, in order, as `(where, row)` pairs.
 
 Specs:
-  path/to/file.jsonl, jsonl:GLOB      one JSON object per line (blank lines are skipped)
+  path/to/file.jsonl, jsonl:GLOB      one JSON object per line (blank lines are skipped); also
+                                      gs://... (etils.epath; a glob in the file name only)
   path/to/file.parquet, parquet:GLOB  Parquet (what HF `datasets` exports), read with pyarrow
   arrayrecord:GLOB                    ArrayRecord files whose records are JSON bytes (grain reader)
   tfds:NAME[:SPLIT]                   a prepared TFDS dataset via `tfds.data_source` (split: train)
@@ -27,7 +28,13 @@ _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
 def _expand(pattern: str) -> list[str]:
-  paths = sorted(glob.glob(os.path.expanduser(pattern)))
+  if "://" in pattern:   # an object store (gs://...): the last path component may be a glob
+    from etils import epath
+    path = epath.Path(pattern)
+    paths = (sorted(os.fspath(p) for p in path.parent.glob(path.name))
+             if glob.has_magic(path.name) else [pattern] * path.exists())
+  else:
+    paths = sorted(glob.glob(os.path.expanduser(pattern)))
   if not paths:
     raise FileNotFoundError(f"data source {pattern!r}: no file matches")
   return paths
@@ -86,7 +93,12 @@ def _decode_json(data: bytes | str):
 
 
 def _jsonl(path: str):
-  with open(path, "rb") as f:
+  if "://" in path:   # e.g. the online loop's filtered_prompts.jsonl in a gs:// workdir
+    from etils import epath
+    opened = epath.Path(path).open("rb")
+  else:
+    opened = open(path, "rb")
+  with opened as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue

@@ -5,7 +5,9 @@ jpost's layout (heads as their own axis, layers stacked); with a mesh, every dev
 built by `jax.make_array_from_callback` from only the bytes it needs, so a model larger than one
 host's accelerator memory never exists unsharded. Saving writes what
 `transformers.AutoModelForCausalLM.from_pretrained` reads (v4-style config keys, which v5 also
-accepts). No pickle anywhere.
+accepts), tensor by tensor from a shard plan built from shapes alone (`save_hf_streamed`, which a
+multi-host export feeds with one gathered tensor at a time), to a local or gs:// directory.
+No pickle anywhere.
 """
 import dataclasses
 import json
@@ -15,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jpost.models import decoder
 from jpost.models import safetensors_io
@@ -376,50 +379,100 @@ def _check_unused(ckpt, used, cfg, path):
 # ---------------------------------------------------------------------------------------------
 
 def save_hf(cfg: ModelConfig, params, path: str, *, max_shard_bytes: int = 5 * 2**30,
-            generation_config: bool = True) -> None:
+            generation_config: bool = True, dtype=None) -> None:
   """Writes config.json + model.safetensors (or shards + index.json) that transformers loads.
 
-  Tensors keep the dtype of `params` (cast beforehand to export e.g. bfloat16). `params` must be
-  addressable from this process (device_get them first on multi-host runs).
+  Tensors keep the dtype of `params` (or are cast to `dtype`, e.g. bfloat16, one at a time).
+  `params` must be addressable from this process (numpy, or one process's jax arrays: each layer
+  of each tensor is fetched on its own); `jpost.train.export` streams a multi-host run's
+  params. `path` may be local or an object store (gs://..., through `etils.epath`).
   """
-  os.makedirs(path, exist_ok=True)
-  host = jax.tree.map(np.asarray, jax.device_get(params))
-  tensors = {}
+  def tensor(path_, layer):
+    value = _get(params, path_)
+    value = np.asarray(value if layer is None else value[layer])
+    return value if dtype is None else value.astype(jnp.dtype(dtype))
+
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype or x.dtype)), params)
+  save_hf_streamed(cfg, abstract, tensor, path, max_shard_bytes=max_shard_bytes,
+                   generation_config=generation_config)
+
+
+def hf_shards(cfg: ModelConfig, abstract, max_shard_bytes: int) -> list:
+  """The HF tensors of params shaped like `abstract` (ShapeDtypeStruct leaves) split into shards:
+  [{hf name: (_Tensor, layer index or None, hf shape, dtype)}], in order.
+
+  Tensor by tensor, each stacked one layer by layer (the order `load_hf` reads them in), a new
+  shard starting when the next tensor would pass `max_shard_bytes`; a larger tensor gets a shard
+  of its own. Needs only shapes, so every process of a multi-host export knows the plan.
+  """
+  entries = []
   for t in _tensors(cfg):
-    value = _get(host, t.path)
+    leaf = _get(abstract, t.path)
+    one = jax.ShapeDtypeStruct(leaf.shape[1:] if t.stacked else leaf.shape, leaf.dtype)
+    hf_shape = jax.eval_shape(t.to_hf, one).shape
     if t.stacked:
-      for i in range(cfg.num_layers):
-        tensors[t.hf_name.format(i=i)] = t.to_hf(value[i])
+      entries += [(t.hf_name.format(i=i), (t, i, hf_shape, leaf.dtype))
+                  for i in range(cfg.num_layers)]
     else:
-      tensors[t.hf_name] = t.to_hf(value)
-  dtype = str(host["embed"]["embedding"].dtype)
-  # Shards in layer order, so a reader touching one layer opens one file.
+      entries.append((t.hf_name, (t, None, hf_shape, leaf.dtype)))
   shards, current, size = [], {}, 0
-  for name, value in tensors.items():
-    if current and size + value.nbytes > max_shard_bytes:
+  for name, entry in entries:
+    nbytes = int(np.prod(entry[2], dtype=np.int64)) * jnp.dtype(entry[3]).itemsize
+    if current and size + nbytes > max_shard_bytes:
       shards.append(current)
       current, size = {}, 0
-    current[name] = value
-    size += value.nbytes
+    current[name] = entry
+    size += nbytes
   shards.append(current)
+  return shards
+
+
+def shard_bytes(shard: dict) -> int:
+  return sum(int(np.prod(s, dtype=np.int64)) * jnp.dtype(d).itemsize for _, _, s, d in
+             shard.values())
+
+
+def save_hf_streamed(cfg: ModelConfig, abstract, get_tensor: Callable, path: str, *,
+                     write: bool = True, max_shard_bytes: int = 5 * 2**30,
+                     generation_config: bool = True) -> None:
+  """`save_hf` from a tensor source: `get_tensor(jpost path, layer or None)` -> one layer of a
+  stacked param (the whole param when None) in jpost's layout, as a numpy array.
+
+  `abstract` gives every param's shape and dtype (ShapeDtypeStruct leaves), so the shard plan
+  (`hf_shards`) and each file's header exist before any tensor does; tensors are then fetched in
+  each file's data order and written as they come, so the host holds about one tensor, never a
+  shard or the model. `write=False` (the other processes of a multi-host export) fetches the
+  same tensors in the same order (`get_tensor` may be a collective) and writes nothing.
+  """
+  out = epath.Path(path)
+  if write:
+    out.mkdir(parents=True, exist_ok=True)
+  shards = hf_shards(cfg, abstract, max_shard_bytes)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   meta = {"format": "pt"}   # transformers refuses safetensors files without a known format
-  if len(shards) == 1:
-    safetensors_io.write(os.path.join(path, "model.safetensors"), shards[0], meta)
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      safetensors_io.write(os.path.join(path, fname), shard, meta)
-      weight_map.update({n: fname for n in shard})
-    total = sum(v.nbytes for v in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, dtype), f, indent=2, sort_keys=True)
+  for fname, shard in zip(names, shards):
+    def fetch(name, shard=shard):
+      t, layer, _, _ = shard[name]
+      return t.to_hf(get_tensor(t.path, layer))
+    if write:
+      safetensors_io.write_streamed(os.fspath(out / fname),
+                                    {n: (d, s) for n, (_, _, s, d) in shard.items()}, fetch, meta)
+    else:
+      for name in sorted(shard):
+        get_tensor(shard[name][0].path, shard[name][1])
+  if not write:
+    return
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(shard_bytes(s) for s in shards)},
+             "weight_map": {n: fname for fname, s in zip(names, shards) for n in s}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+  dtype = str(jnp.dtype(abstract["embed"]["embedding"].dtype))
+  (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2, sort_keys=True))
   if generation_config:
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id),
                              ("eos_token_id", list(cfg.eos_token_id)
                               if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id),
                              ("pad_token_id", cfg.pad_token_id)) if v is not None}
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-      json.dump(gen, f, indent=2, sort_keys=True)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))

@@ -86,8 +86,9 @@ def load(source: ModelSource, dtype: str | None = None):
     raise ValueError(f"{source.spec}: the checkpoint's params have no 'lm' entry (found "
                      f"{sorted(params)})")
   if "lora" in params:
-    # A LoRA run stores a frozen (maybe quantised) base beside its adapters: every script that
-    # samples, scores or merges wants the trained model, i.e. the adapters merged in.
+    # A LoRA run trains adapters beside a frozen (maybe quantised) base, which load_params
+    # rebuilt from the run's config.json (its checkpoints hold the adapters only): every script
+    # that samples, scores or merges wants the trained model, i.e. the adapters merged in.
     from jpost.adapters import lora
     lora_section = source.run_config().get("lora")
     if not lora_section:

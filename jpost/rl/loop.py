@@ -19,6 +19,7 @@ Debugging aid: JPOST_DUMP_ROLLOUTS=1 makes each process write its rows of every 
 rollout batch to <workdir>/rollouts/iter<i>.p<process>.npz (what the tests compare across meshes).
 """
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -593,9 +594,9 @@ def filter_prompts(setup: Setup, lm_params, workdir: str) -> str:
   train on one prompt set."""
   cfg, f = setup.cfg, setup.pg_cfg.filter
   suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
-  path = os.path.join(workdir, f"filtered_prompts{suffix}.jsonl")
+  path = os.fspath(epath.Path(workdir) / f"filtered_prompts{suffix}.jsonl")   # local or gs://
   # Sampling is collective: reuse only if every process has its file (one may have died first).
-  if not multihost.any_process(not os.path.exists(path)):
+  if not multihost.any_process(not epath.Path(path).exists()):
     print(f"instance filter: reusing {path}", flush=True)
     return path
   data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
@@ -619,11 +620,14 @@ def filter_prompts(setup: Setup, lm_params, workdir: str) -> str:
   if not kept:
     raise ValueError(f"instance filter: none of the {total} training prompts has a correct "
                      f"rollout in {f.k} samples; the policy cannot learn from them")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as out:
-    for r in kept:
-      out.write(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n")
-  os.replace(tmp, path)
+  text = "".join(json.dumps({k: v for k, v in r.items() if k != "where"}) + "\n" for r in kept)
+  if tmetrics.is_remote(path):
+    epath.Path(path).write_text(text)   # an object appears whole or not at all (no rename)
+  else:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as out:
+      out.write(text)
+    os.replace(tmp, path)              # a killed run never leaves a truncated file
   print(f"instance filter: kept {len(kept)} of {total} prompts -> {path}", flush=True)
   return path
 
@@ -636,11 +640,12 @@ def _dump_rollouts(workdir, iteration, batch):
   """JPOST_DUMP_ROLLOUTS=1: this process's rows of the iteration's rollout batch -> npz."""
   if os.environ.get("JPOST_DUMP_ROLLOUTS", "0") in ("", "0"):
     return
-  out = os.path.join(workdir, "rollouts")
-  os.makedirs(out, exist_ok=True)
+  out = epath.Path(workdir) / "rollouts"   # local or gs://: one whole object per file
+  out.mkdir(parents=True, exist_ok=True)
   keep = ("tokens", "loss_mask", "advantages", "sampler_logp", "old_logp", "example_valid")
-  np.savez(os.path.join(out, f"iter{iteration:06d}.p{jax.process_index()}.npz"),
-           **{k: batch[k] for k in keep if k in batch})
+  data = io.BytesIO()
+  np.savez(data, **{k: batch[k] for k in keep if k in batch})
+  (out / f"iter{iteration:06d}.p{jax.process_index()}.npz").write_bytes(data.getvalue())
 
 
 def _process_slice(batch: dict) -> dict:
@@ -740,11 +745,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       eval_batches = eval_batches[:cfg.eval.max_batches]
 
     # --- Resume --------------------------------------------------------------------------------
-    ckpt = train_ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+    ckpt = train_ckpt.Checkpointer(epath.Path(workdir) / "checkpoints", keep=cfg.checkpoint.keep,
                                    async_save=cfg.checkpoint.async_save)
     meta = {"objective": cfg.objective.name, "model": repr(dataclasses.asdict(model_cfg)),
             "batch_size": cfg.train.batch_size, "group_size": cfg.rl.group_size,
             "updates_per_iteration": updates_per_iteration, "seed": cfg.train.seed}
+    if lora_spec is not None:   # checkpoints then hold what trains, not the frozen base
+      meta[train_ckpt.FROZEN_BASE] = offline.base_fingerprint(cfg, state.params["lm"])
     state, start = offline.resume(ckpt, state, abstract, state_shardings, meta, train_iter)
 
     # --- Iterations ----------------------------------------------------------------------------
@@ -802,6 +809,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
       if cfg.eval.every_steps and it % cfg.eval.every_steps == 0 and eval_batches:
         last_eval = run_eval(it)
       if (cfg.checkpoint.every_steps and it % cfg.checkpoint.every_steps == 0) or preempted:
+        writer.flush()   # metrics.jsonl never behind a checkpoint (a remote one is rewritten)
         ckpt.save(it, state, train_iter.get_state(), meta, force=preempted)
         offline._test_fault_injection(it, ckpt)
       if preempted:
@@ -813,6 +821,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     if eval_batches and it > start and (not cfg.eval.every_steps or it % cfg.eval.every_steps):
       last_eval = run_eval(it)
     if ckpt.latest_step() != it:
+      writer.flush()
       ckpt.save(it, state, train_iter.get_state(), meta, force=True)
     summary = offline.finish(cfg, workdir, model_cfg, state, ckpt, writer, verbose=_summary)
     return dict(summary, first_eval=first_eval, last_eval=last_eval, steps=it)

@@ -92,7 +92,9 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
   if obj.data_kind == "rl":
     c.rl = rl_config()
     c.eval.num_samples = 4      # pass@k on held-out prompts: k samples at rl.temperature
-  c.export = dict(hf_dir="")    # write HF safetensors here at the end of training
+  # hf_dir: write HF safetensors here at the end of training (local or gs://, streamed tensor by
+  # tensor from every process: jpost/train/export.py), in files of at most max_shard_bytes.
+  c.export = dict(hf_dir="", max_shard_bytes=5 * 2**30)
   c.log = dict(tensorboard=True, plot=True)   # plot: metrics.png at the end (process 0)
   return c
 

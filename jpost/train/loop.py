@@ -23,6 +23,7 @@ from jpost.losses import registry
 from jpost.models import heads
 from jpost.train import batches as tbatches
 from jpost.train import config as tconfig
+from jpost.train import export as texport
 from jpost.train import flops
 from jpost.train import forward
 from jpost.train import metrics as tmetrics
@@ -126,6 +127,30 @@ def _param_shapes(model_cfg, objective):
   if objective.head == "reward":
     shapes["reward_head"] = jax.eval_shape(lambda: heads.init_scalar_head(model_cfg.d_model))
   return shapes
+
+
+def lora_base(cfg, model_cfg):
+  """The frozen base of a LoRA run, built from its config as `run` builds it (`_initial_params`,
+  then `add_adapters` quantises), on one device: for readers of its checkpoints, which leave the
+  base out (train_ckpt.load_params). Any difference shows in `base_fingerprint`."""
+  objective = registry.get_objective(cfg.objective.name)
+  spec = lora_adapters.spec_from_config(cfg.lora, cfg.model.param_dtype)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  rules = sharding.default_rules()
+  axes = _logical_axes(model_cfg, objective)
+  with sharding.axis_rules(rules, mesh):
+    shardings = sharding.logical_to_sharding(axes, mesh, rules,
+                                             shapes=_param_shapes(model_cfg, objective))
+    params = _initial_params(cfg, model_cfg, objective, mesh, shardings)
+    params, _, _ = lora_adapters.add_adapters(params, axes, spec, model_cfg, mesh, rules,
+                                              jax.random.PRNGKey(cfg.train.seed + 1))
+  return params["lm"]
+
+
+def base_fingerprint(cfg, lm) -> dict:
+  """meta[train_ckpt.FROZEN_BASE] of a LoRA run: what its checkpoints leave out, identified."""
+  return train_ckpt.base_fingerprint(
+      lm, f"model.init={cfg.model.init}, lora.quantize={cfg.lora.quantize}")
 
 
 def state_shardings_of(abstract_state, param_shardings, optimizer, mesh):
@@ -245,6 +270,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, _summary: bool = True) 
     meta = {"objective": cfg.objective.name, "model": dataclasses.asdict(model_cfg).__repr__(),
             "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
             "seed": cfg.train.seed}
+    if lora_spec is not None:   # checkpoints then hold what trains, not the frozen base
+      meta[train_ckpt.FROZEN_BASE] = base_fingerprint(cfg, state.params["lm"])
     state, start = resume(ckpt, state, abstract, state_shardings, meta, train_iter)
 
     # --- Steps -----------------------------------------------------------------------------------
@@ -365,7 +392,9 @@ def resume(ckpt, state, abstract, state_shardings, meta, train_iter):
     return state, 0
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-  state, data_states, _ = ckpt.restore(latest, abstract_sharded, meta)
+  # A LoRA run's checkpoints leave out the frozen base: this run's own (checked) goes back in.
+  base = state.params["lm"] if train_ckpt.FROZEN_BASE in meta else None
+  state, data_states, _ = ckpt.restore(latest, abstract_sharded, meta, base=base)
   try:
     train_iter.set_state_from_processes(data_states)
   except ValueError as e:
@@ -382,10 +411,10 @@ def finish(cfg, workdir, model_cfg, state, ckpt, writer, *, verbose=True) -> dic
   ckpt.close()
   writer.close()
   if cfg.export.hf_dir:
-    params = _host_params(state.params)   # a collective: every process takes part
-    if is_main:
-      models.save_hf(model_cfg, lora_adapters.export_lm(params, cfg.get("lora"), model_cfg),
-                     cfg.export.hf_dir)
+    # Streamed tensor by tensor: a collective per tensor (every process takes part), process 0
+    # writes, about one tensor in host memory; LoRA adapters are merged per layer on the way.
+    texport.save_hf(state.params, cfg.get("lora"), model_cfg, cfg.export.hf_dir,
+                    max_shard_bytes=cfg.export.get("max_shard_bytes", 5 * 2**30))
   plot_path = None
   if is_main and cfg.log.plot and writer.path.exists():
     from jpost.train import plot   # matplotlib: ~1 s of imports, paid only when plotting
@@ -395,15 +424,6 @@ def finish(cfg, workdir, model_cfg, state, ckpt, writer, *, verbose=True) -> dic
           + (f"\nHF export:   {cfg.export.hf_dir}" if cfg.export.hf_dir else ""), flush=True)
   return {"workdir": workdir, "metrics": os.fspath(writer.path), "plot": plot_path,
           "checkpoints": ckpt.directory}
-
-
-def _host_params(params):
-  """The full params as host numpy arrays; with several processes each holds only its shards, so
-  they are all-gathered (every process ends up with a copy)."""
-  if jax.process_count() == 1:
-    return jax.device_get(params)
-  from jax.experimental import multihost_utils
-  return multihost_utils.process_allgather(params, tiled=True)
 
 
 def _test_fault_injection(step, ckpt, *, after_save=True):

@@ -56,4 +56,20 @@ def make_optimizer(cfg, total_steps: int, mask=None) -> optax.GradientTransforma
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=mask))
-  return optax.chain(*parts)
+  return keep_state_dtypes(optax.chain(*parts))
+
+
+def keep_state_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` whose state keeps the dtypes it was initialised with.
+
+  optax initialises Adam's moments in the params' dtype, but updating them with float32
+  gradients promotes them to float32: with bfloat16 params the state would change dtype after
+  the first step (a second compile of the train step, twice the moment memory the config asked
+  for, and a checkpoint whose dtypes differ from a fresh state's). Casting back after each update
+  keeps the moments in the params' dtype; a no-op for float32 params.
+  """
+  def update(updates, state, params=None):
+    updates, new_state = inner.update(updates, state, params)
+    return updates, jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
+
+  return optax.GradientTransformation(inner.init, update)

@@ -84,7 +84,7 @@ def test_bf16_compute_gives_a_loss_close_to_f32_compute():
 
 
 def test_param_dtype_sets_master_weights_and_optimizer_state():
-  """bf16 params carry bf16 Adam moments, and an update smaller than half a weight's bf16
+  """bf16 params carry bf16 Adam moments (before and after an update), and an update smaller than half a weight's bf16
   spacing is rounded away; float32 master weights keep it (why float32 is the default)."""
   p32 = {"w": jnp.asarray(np.random.default_rng(0).normal(0.0, 0.05, (64, 64)), jnp.float32)}
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
@@ -96,9 +96,13 @@ def test_param_dtype_sets_master_weights_and_optimizer_state():
   for name, params in (("float32", p32), ("bfloat16", p16)):
     state = tstep.init_state(params, optimizer, 0)
     assert _float_dtypes(state.opt_state) == {name}
-    updates, _ = optimizer.update(grads, state.opt_state, params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new = optax.apply_updates(params, updates)
     assert new["w"].dtype == jnp.dtype(name)
+    # float32 gradients do not promote the moments: the state keeps its dtypes (one compile of
+    # the step, and a resumed state equal to the saved one).
+    assert jax.tree.map(lambda x: x.dtype, opt_state) == jax.tree.map(lambda x: x.dtype,
+                                                                       state.opt_state)
     big = np.abs(np.asarray(params["w"], np.float32)) > 0.02   # bf16 spacing >= 1.2e-4 here
     moved[name] = np.mean((np.asarray(new["w"]) != np.asarray(params["w"]))[big])
   # Adam's first step is ~lr = 1e-5 per weight (clipping scales gradients, not Adam's step).

@@ -204,7 +204,9 @@ def test_killed_rl_run_resumes_exactly(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
-def test_instance_filter_drops_unsolvable_prompts(tmp_path, tiny_lm, monkeypatch):
+@pytest.mark.parametrize("store", ["local", "gs"])
+def test_instance_filter_drops_unsolvable_prompts(tmp_path, tiny_lm, monkeypatch, capsys, store):
+  import contextlib
   import types
   fake = types.ModuleType("fake_rl_rewards")
   fake.solvable = lambda row, completion: float(row["answer"] == "yes")
@@ -215,10 +217,19 @@ def test_instance_filter_drops_unsolvable_prompts(tmp_path, tiny_lm, monkeypatch
   setup, cfg = _setup("grpo", rewards="fake_rl_rewards:solvable")
   cfg.data.train = str(data)
   setup.pg_cfg.filter.k = 2
-  path = rl_loop.filter_prompts(setup, tiny_lm, str(tmp_path))
-  kept = [json.loads(line) for line in open(path)]
+  workdir, on_disk = str(tmp_path), tmp_path
+  fake = contextlib.nullcontext()
+  if store == "gs":   # one whole object, no rename
+    workdir, on_disk = "gs://bucket/run", tmp_path / "gcs" / "bucket" / "run"
+    fake = helpers.fake_gcs(tmp_path / "gcs", monkeypatch)
+  with fake as fs:
+    path = rl_loop.filter_prompts(setup, tiny_lm, workdir)
+    assert path == f"{workdir}/filtered_prompts.jsonl"
+    assert rl_loop.filter_prompts(setup, tiny_lm, workdir) == path     # reused on resume
+  assert f"instance filter: reusing {path}" in capsys.readouterr().out
+  assert fs is None or fs.renamed == []
+  kept = [json.loads(line) for line in open(on_disk / "filtered_prompts.jsonl")]
   assert kept == [r for r in rows if r["answer"] == "yes"]
-  assert rl_loop.filter_prompts(setup, tiny_lm, str(tmp_path)) == path     # reused on resume
 
 
 def test_lora_grpo_samples_and_trains_the_adapted_policy_against_the_base(tmp_path,
@@ -265,3 +276,75 @@ def test_lora_grpo_samples_and_trains_the_adapted_policy_against_the_base(tmp_pa
   diff = float(np.abs(np.asarray(z_adapted) - np.asarray(z_base)).max())
   print(f"max |adapted - base logit| {diff:.2e}")
   assert diff > 1e-3
+
+
+def test_gs_workdir_every_file_goes_through_epath(tmp_path, monkeypatch):
+  """A GRPO run (instance filter, rollout dumps, HF export) with gs:// workdir and export dir on
+  helpers.fake_gcs (appends refused, renames logged): every file lands in the bucket as a whole
+  object, nothing is renamed, and the export equals a local export of the final checkpoint.
+  Orbax writes checkpoint arrays through tensorstore's own GCS driver, beyond fsspec, so the
+  Checkpointer (given the gs:// path by the loop) writes to the bucket's local directory, which
+  scripts/export_hf.py then reads to export to gs:// too."""
+  import filecmp
+  import os
+  import types
+  fake = types.ModuleType("fake_gcs_rewards")
+  fake.solvable = lambda row, completion: float(row["answer"] == "yes")
+  monkeypatch.setitem(sys.modules, "fake_gcs_rewards", fake)
+  monkeypatch.setenv("JPOST_DUMP_ROLLOUTS", "1")
+  data = tmp_path / "prompts.jsonl"
+  rows = [{"prompt": f"{i}+1=", "answer": "yes" if i % 3 else "no"} for i in range(8)]
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  cfg = helpers.load_config("grpo")
+  cfg.rl.rewards = "fake_gcs_rewards:solvable"
+  cfg.data.update(train=str(data), eval="")
+  cfg.train.update(steps=2, batch_size=4, log_every=1)
+  cfg.rl.update(group_size=2, max_new_tokens=4)
+  cfg.objective.filter.update(drop_unsolvable=True, k=2)
+  cfg.warm_start.sft_steps = 0
+  cfg.eval.every_steps = 0
+  cfg.checkpoint.async_save = False
+  cfg.log.update(tensorboard=False, plot=False)
+  cfg.export.update(hf_dir="gs://bucket/hf", max_shard_bytes=200_000)
+  root = tmp_path / "gcs"
+  checkpoint_dirs = []
+
+  class BucketDirCheckpointer(train_ckpt.Checkpointer):
+    def __init__(self, directory, **kw):
+      checkpoint_dirs.append(os.fspath(directory))
+      super().__init__(os.fspath(directory).replace("gs://", f"{root}/"), **kw)
+
+  monkeypatch.setattr(train_ckpt, "Checkpointer", BucketDirCheckpointer)
+  with helpers.fake_gcs(root, monkeypatch) as fs:
+    rl_loop.run(cfg, "gs://bucket/run", _summary=False)
+  assert fs.renamed == []
+  assert checkpoint_dirs == ["gs://bucket/run/checkpoints"]
+  run = root / "bucket" / "run"
+  assert sorted(p.name for p in run.iterdir()) == [
+      "checkpoints", "config.json", "filtered_prompts.jsonl", "metrics.jsonl",
+      "model_config.json", "rollouts"]
+  kept = [json.loads(line) for line in (run / "filtered_prompts.jsonl").read_text().splitlines()]
+  assert kept == [r for r in rows if r["answer"] == "yes"]
+  assert sorted(helpers.metrics_by_step(str(run))) == [1, 2]
+  for it in (1, 2):
+    with np.load(run / "rollouts" / f"iter{it:06d}.p0.npz") as dump:
+      assert dump["tokens"].shape[0] == 4 * 2 and "advantages" in dump.files
+
+  model_cfg = models.read_model_config_json(str(run / "model_config.json"))
+  final = train_ckpt.load_params(str(run))
+  local = str(tmp_path / "local_hf")
+  models.save_hf(model_cfg, final["lm"], local, max_shard_bytes=200_000)
+  exported = root / "bucket" / "hf"
+  files = sorted(os.listdir(local))
+  assert sorted(os.listdir(exported)) == files and "model.safetensors.index.json" in files
+  for name in files:
+    assert filecmp.cmp(exported / name, os.path.join(local, name), shallow=False), name
+  _, loaded = models.load_hf(str(exported))
+  jax.tree.map(np.testing.assert_array_equal, loaded, final["lm"])
+  # scripts/export_hf.py writes to gs:// as well (from the checkpoint, one process).
+  monkeypatch.setattr(sys, "argv", ["export_hf.py", str(run), "gs://bucket/script_hf"])
+  with helpers.fake_gcs(root, monkeypatch) as fs:
+    helpers.load_script("export_hf").main()
+  assert fs.renamed == []
+  _, loaded = models.load_hf(str(root / "bucket" / "script_hf"))
+  jax.tree.map(np.testing.assert_array_equal, loaded, final["lm"])

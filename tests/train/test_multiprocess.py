@@ -7,12 +7,13 @@ cache (a resumed launch reuses the programs its first launch compiled):
   1. one process, 8 devices: the reference run;
   2. two processes; SIGTERM reaches process 1 only (JPOST_TEST_FAULT=sigterm:3): both agree on a
      step through JAX's preemption service, save it and exit 0;
-  3. two processes resume that checkpoint and finish;
+  3. two processes resume that checkpoint, finish and export HF weights (streamed tensor by
+     tensor from both processes' shards: the same bytes as one process's export);
   4. one process (8 devices) resumes a copy of the same two-process checkpoint and finishes.
 
 Runs 2+3 and 4 must reproduce the reference's per-step train losses and eval losses.
 """
-import importlib
+import filecmp
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import pytest
 
 from jpost import models
 from jpost.checkpoints import train_ckpt
+from jpost.train import export as texport
 
 import helpers
 
@@ -108,7 +110,8 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
   assert data["process_count"] == 2 and len(data["per_process"]) == 2
   shutil.copytree(two, two_to_one)
 
-  flags_end = dict(flags, **{"export.hf_dir": f"{two}/hf"})
+  # The end-of-run export streams each tensor from both processes' shards: several files.
+  flags_end = dict(flags, **{"export.hf_dir": f"{two}/hf", "export.max_shard_bytes": 200_000})
   second = helpers.train_processes(two, flags_end, extra_env=cache, timeout=300)
   for r in second:
     assert f"resumed from {two}/checkpoints/{saved[0]}\n" in _ok(r)
@@ -139,6 +142,15 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
                final_two, final_ref)
   _, exported = models.load_hf(f"{two}/hf", dtype=np.float32)
   jax.tree.map(np.testing.assert_array_equal, exported, final_two["lm"])
+  # Byte for byte what one process exports from the same params.
+  one = str(tmp_path / "one_process_hf")
+  texport.save_hf(jax.device_put(final_two), None,
+                  models.read_model_config_json(f"{two}/model_config.json"), one,
+                  max_shard_bytes=200_000)
+  files = sorted(os.listdir(one))
+  assert sorted(os.listdir(f"{two}/hf")) == files and "model.safetensors.index.json" in files
+  for name in files:
+    assert filecmp.cmp(f"{two}/hf/{name}", f"{one}/{name}", shallow=False), name
 
 
 # ------------------------------------------------------------------------- fast, in-process
@@ -210,45 +222,9 @@ def test_gather_json_collects_every_process(tmp_path):
 
 @pytest.fixture
 def fake_gcs(tmp_path, monkeypatch):
-  """gs://BUCKET/PATH served from tmp_path/gcs/BUCKET/PATH through fsspec, as etils.epath reaches
-  real GCS (gcsfs); appends are refused, as objects cannot be appended to."""
-  from etils.epath import backend
-  from fsspec.implementations.local import LocalFileSystem
-  root = tmp_path / "gcs"
-  root.mkdir()
-
-  class FakeGCS(LocalFileSystem):
-    protocol = ("gs", "gcs")
-
-    def __init__(self, *args, finalize_on_close=False, **kw):
-      del finalize_on_close
-      super().__init__(*args, **kw)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-      path = os.fspath(path)
-      for prefix in ("gs://", "gcs://"):
-        if path.startswith(prefix):
-          path = path[len(prefix):]
-      if path.startswith(str(root)):
-        return path
-      return f"{root}/{path}"
-
-    def _open(self, path, mode="rb", **kw):
-      if "a" in mode:
-        raise NotImplementedError("fake GCS: objects cannot be appended to")
-      if "w" in mode:   # object names need no parent "directories"
-        os.makedirs(os.path.dirname(self._strip_protocol(path)), exist_ok=True)
-      return super()._open(path, mode, **kw)
-
-  # The module itself: the attribute `fsspec.registry` is a read-only view of this dict.
-  registry = importlib.import_module("fsspec.registry")._registry
-  for name in ("gs", "gcs"):
-    monkeypatch.setitem(registry, name, FakeGCS)
-  backend.fsspec_backend._get_filesystem.cache_clear()
-  monkeypatch.setattr("etils.epath.gpath._is_tf_installed", lambda: False, raising=False)
-  yield root
-  backend.fsspec_backend._get_filesystem.cache_clear()
+  """gs://BUCKET/PATH served from tmp_path/gcs/BUCKET/PATH (helpers.fake_gcs: no appends)."""
+  with helpers.fake_gcs(tmp_path / "gcs", monkeypatch):
+    yield tmp_path / "gcs"
 
 
 def test_workdir_files_go_through_epath_to_gs(fake_gcs):
