@@ -84,7 +84,7 @@ KINDS = tuple(OBJECTIVES) + ("sample",)
 DEFAULT_SHAPES = "qwen2_5_0_5b,llama3_2_1b,qwen3_1_7b,llama3_8b"
 # Fields that identify a configuration (--compare matches rows on them).
 KEY_FIELDS = ("shape", "objective", "batch", "seq", "dtype", "param_dtype", "remat", "attention",
-              "impl", "devices", "prompt_len", "new_tokens")
+              "impl", "devices", "prompt_len", "new_tokens", "decode_phases")
 # What --compare guards, per row kind: run times (--threshold) and compile cost (the compile
 # time and the compiled step's instruction count, which grows with depth if layers unroll:
 # --compile_threshold).
@@ -105,7 +105,7 @@ SAMPLE_FIELDS = COMMON_FIELDS + tuple(
     for field in ("compile_s", "s", "s_all") + MEMORY_FIELDS) + (
     "decode_s", "prefill_flops", "decode_flops", "prefill_tokens_per_s",
     "prefill_tokens_per_s_per_device", "prefill_mfu", "decode_tokens_per_s",
-    "decode_tokens_per_s_per_device", "decode_mfu")
+    "decode_tokens_per_s_per_device", "decode_mfu", "decode_phases")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +394,8 @@ def bench_sample(cfg, args, mesh, rules, devices) -> list[dict]:
     # What the sampler's program is given (make_generate_fn casts the masters the same way).
     params = sampler.jitted_compute_weights(cfg)(params)
     for b in args.sample_batches:
-      row = dict(objective="sample", batch=b, prompt_len=p, new_tokens=n, impl="n/a")
+      row = dict(objective="sample", batch=b, prompt_len=p, new_tokens=n, impl="n/a",
+                 decode_phases=args.decode_phases)
       rng_np = np.random.default_rng(b)
       prompt = rng_np.integers(1, cfg.vocab_size, (b, p)).astype(np.int32)
       lengths = np.full((b,), p, np.int32)
@@ -405,7 +406,8 @@ def bench_sample(cfg, args, mesh, rules, devices) -> list[dict]:
       timed = {}
       for name, new in (("prefill", 1), ("generate", n)):
         # No EOS and no stop sequences: every row generates exactly `new` tokens.
-        sc = sampler.SamplingConfig(max_new_tokens=new, temperature=1.0, prompt_buckets=(p,))
+        sc = sampler.SamplingConfig(max_new_tokens=new, temperature=1.0, prompt_buckets=(p,),
+                                    decode_phases=args.decode_phases)
         compiled, _, row[f"{name}_compile_s"] = compiled_generate(
             cfg, sc, b, p, mesh, rules, params, prompt, lengths, key, args.compiler_options)
         row.update(memory_fields(compiled, prefix=f"{name}_mem"))
@@ -635,6 +637,9 @@ def parse_args(argv):
   p.add_argument("--sample_batches", default="1,8,32", help="sampler batch sizes")
   p.add_argument("--prompt_len", type=int, default=512)
   p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--decode_phases", type=int, default=sampler.SamplingConfig.decode_phases,
+                 help="sampler: decode loops over a growing cache (1 = one loop over the whole "
+                      "preallocated cache)")
   p.add_argument("--num_devices", type=int, default=0, help="use the first N devices (0: all)")
   p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1: the rest)")
   p.add_argument("--isolate", dest="isolate", action="store_true", default=True,
