@@ -23,10 +23,11 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from jpost.checkpoints import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -143,48 +144,15 @@ def _with_base(state, base):
   return _replace_params(state, dict(_params(state), lm=base))
 
 
-# ---------------------------------------------------------------------------------------------
-# The frozen base's fingerprint
-# ---------------------------------------------------------------------------------------------
-# Per leaf: dtype, shape and a 64-bit hash of its bits, computed where the arrays live. Each
-# element's bits are mixed with its flat index (murmur3's finaliser) into a uint32 and the words
-# summed modulo 2^32, twice with different seeds. Integer sums are exact and associative, so the
-# hash is the same whatever the sharding, device count or reduction order (a float checksum is
-# not, and would need a tolerance that a small change of the base slips through), one pass over
-# the base costs about as much as reading it once, and no device copies its shards to a host
-# (an 8B base would be 16 GB to hash on one host).
-
-def _fmix32(h):
-  h = h ^ (h >> 16)
-  h = h * np.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * np.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def _leaf_hash(x, seed: int):
-  bits_dtype = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
-  bits = jax.lax.bitcast_convert_type(x, bits_dtype).astype(jnp.uint32)
-  index, stride = jnp.zeros(x.shape, jnp.uint32), 1
-  for d in reversed(range(x.ndim)):       # the row-major flat index (mod 2^32), never reshaped
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * np.uint32(stride % 2**32)
-    stride *= x.shape[d]
-  words = _fmix32(bits * np.uint32((2 * seed + 1) % 2**32) + _fmix32(index ^ np.uint32(seed)))
-  return jnp.sum(words, dtype=jnp.uint32)
-
-
 def base_fingerprint(lm, source: str) -> dict:
   """{"source": how the run built the base (shown in errors, not compared), "leaves": {path:
   "dtype[shape] hash"}} of a LoRA run's frozen base (device or host arrays)."""
   paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(lm))
-  hashes = jax.jit(lambda xs: [(_leaf_hash(x, 0x9E3779B9), _leaf_hash(x, 0x7F4A7C15))
-                               for x in xs])(list(leaves))
-  # Scalars: replicated on every device, so any process reads its own copy.
-  read = lambda h: int(np.asarray(h.addressable_data(0)))
+  lanes = fingerprint.host_lanes(list(leaves))   # jpost/checkpoints/fingerprint.py
   return {"source": source, "leaves": {
       "/".join(str(getattr(k, "key", k)) for k in path):
-      f"{np.dtype(x.dtype).name}{list(x.shape)} {read(h1):08x}{read(h2):08x}"
-      for path, x, (h1, h2) in zip(paths, leaves, hashes)}}
+      f"{np.dtype(x.dtype).name}{list(x.shape)} {int(h1):08x}{int(h2):08x}"
+      for path, x, (h1, h2) in zip(paths, leaves, lanes)}}
 
 
 def check_base(where: str, saved: dict, current: dict, hint: str):

@@ -30,10 +30,10 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from jpost.checkpoints import fingerprint
 from jpost.data import batching
 from jpost.losses import common
 from jpost.train import batches as tbatches
@@ -75,51 +75,6 @@ def enabled(cfg, objective) -> bool:
 
 
 # ------------------------------------------------------------------------------------ identities
-
-def _fmix32(x):
-  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~ 1/2."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
-
-def _bits32(x):
-  """Any array -> its raw bits as a flat uint32 vector (one element per 1-4 bytes)."""
-  x = jnp.ravel(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  size = jnp.dtype(x.dtype).itemsize
-  if size == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-  unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[size]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-@jax.jit
-def _lanes(params):
-  # Two position-dependent 32-bit sums per leaf. Integer addition wraps mod 2**32 and is
-  # associative, so the value does not depend on how the leaf is sharded or reduced: every process
-  # of a multi-host job gets the same fingerprint from its own shards, without gathering the
-  # params on a host.
-  out = []
-  for leaf in jax.tree.leaves(params):
-    bits = _bits32(leaf)
-    idx = jnp.arange(bits.shape[0], dtype=jnp.uint32)
-    out.append(jnp.stack([jnp.sum(_fmix32(bits ^ _fmix32(idx * jnp.uint32(2) + jnp.uint32(seed))),
-                                  dtype=jnp.uint32) for seed in (1, 0x9E3779B9)]))
-  return jnp.stack(out)
-
-
-def params_fingerprint(params) -> str:
-  """A fingerprint of a params pytree's structure, shapes, dtypes and bytes (hex)."""
-  h = hashlib.sha256(str(jax.tree.structure(params)).encode())
-  for leaf in jax.tree.leaves(params):
-    h.update(f"{leaf.shape}{leaf.dtype};".encode())
-  h.update(np.asarray(jax.device_get(_lanes(params))).tobytes())
-  return h.hexdigest()
-
 
 def dataset_digest(store) -> str:
   """sha256 of what the reference scores in an encoded dataset: ids, masks, boundaries."""
@@ -289,7 +244,7 @@ def setup(cfg, model_cfg, workdir, ref_params, train_store, eval_batches, mesh):
   micro-batch; the eval batches come back with theirs. The caller then drops the reference params.
   """
   score = make_scorer(model_cfg, cfg.ops.impl, mesh)
-  ref_id = params_fingerprint(ref_params)
+  ref_id = fingerprint.params_fingerprint(ref_params)
   common_parts = _common_key_parts(model_cfg, ref_id)
   directory = os.path.join(workdir, "ref_cache")
 

@@ -13,6 +13,7 @@ import pytest
 
 from jpost import data as jdata
 from jpost import models
+from jpost.checkpoints import fingerprint
 from jpost.losses import registry
 from jpost.train import loop, ref_cache
 from jpost.train import step as tstep
@@ -126,24 +127,24 @@ def test_cache_key_follows_dataset_and_reference(tmp_path):
 
   model_cfg = models.get_model_config("tiny")
   params = {"lm": models.init_params(model_cfg, jax.random.PRNGKey(0))}
-  fp = ref_cache.params_fingerprint(params)
+  fp = fingerprint.params_fingerprint(params)
   key = lambda store, ref_id=fp, c=cfg: ref_cache.train_cache_key(
       ml_collections.ConfigDict({"data": c}), model_cfg, ref_id, store)
   assert key(a) == key(a)
   assert len({key(a), key(b), key(a, ref_id="other"), key(a, c=dict(cfg, max_len=17))}) == 4
-  assert fp == ref_cache.params_fingerprint(jax.tree.map(np.array, params))
+  assert fp == fingerprint.params_fingerprint(jax.tree.map(np.array, params))
   # One changed element anywhere changes it.
   leaves, treedef = jax.tree.flatten(params)
   bumped = [np.array(x) for x in leaves]
   bumped[-1].reshape(-1)[-1] += 1e-3
-  assert fp != ref_cache.params_fingerprint(jax.tree.unflatten(treedef, bumped))
+  assert fp != fingerprint.params_fingerprint(jax.tree.unflatten(treedef, bumped))
   # Sharded over 8 devices: the same value (the per-leaf sums are exact integer sums).
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1), ("x",))
   spec = lambda x: jax.sharding.PartitionSpec("x") if x.ndim and x.shape[0] % 8 == 0 \
       else jax.sharding.PartitionSpec()
   sharded = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))),
                          params)
-  assert fp == ref_cache.params_fingerprint(sharded)
+  assert fp == fingerprint.params_fingerprint(sharded)
 
 
 def test_lookup_reads_each_slot_of_pairs_and_padding():
