@@ -141,12 +141,17 @@ def _sample(a_BV, key, sc: SamplingConfig):
   return tokens_B, logp_B
 
 
+# A decode phase covers at least this many new tokens: shorter ones would save less attention
+# reading than their extra loop body costs to compile (and short generations are prompt-bound).
+MIN_PHASE_TOKENS = 64
+
+
 def decode_phase_ends(max_new_tokens: int, phases: int) -> tuple[int, ...]:
   """Token counts at which the decode phases end: equal shares of `max_new_tokens` (fewer phases
-  when there are fewer tokens). During the phase ending at e the cache holds prompt + e - 1 slots.
-  Attention reads grow with the slots, so with P phases a long generation reads about
-  (P + 1) / (2 P) of the whole-cache amount for its generated part (5/8 at P = 4)."""
-  phases = max(1, min(phases, max_new_tokens))
+  when they would cover under MIN_PHASE_TOKENS each). During the phase ending at e the cache holds
+  prompt + e - 1 slots. Attention reads grow with the slots, so with P phases a long generation
+  reads about (P + 1) / (2 P) of the whole-cache amount for its generated part (5/8 at P = 4)."""
+  phases = max(1, min(phases, max_new_tokens // MIN_PHASE_TOKENS))
   return tuple(sorted({-(-max_new_tokens * (j + 1) // phases) for j in range(phases)}))
 
 
