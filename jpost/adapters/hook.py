@@ -6,6 +6,7 @@ they sit inside the stacked `layers` subtree, `nn.scan` slices them per layer li
 so each layer sees only its own adapter and dequantises only its own kernel:
 
   kernel_int8 / kernel_scale, kernel_nf4 / kernel_absmax   quantised base (jpost.adapters.quant)
+  kernel_absmax_q8 / _scale / _mean (for kernel_absmax)    its double-quantised NF4 absmax
   lora_a [r, *in]                                          LoRA A (this layer)
   lora_b [*out, r]                                         LoRA B, already scaled by alpha / r
   lora_dropout_key [2] uint32, lora_dropout_rate []        training only: dropout on the input
@@ -25,7 +26,7 @@ def _leaves(module, names):
 def quantized_kernel(module, shape, eqn, dtype):
   """The dequantised kernel of this layer if the base is stored quantised, else None."""
   for kind, names in quant.LEAVES.items():
-    if module.has_variable("params", names[0]):
+    if all(module.has_variable("params", n) for n in names):
       return quant.dequantize_layer(kind, _leaves(module, names), shape, _n_in(eqn), dtype)
   return None
 

@@ -50,6 +50,7 @@ def default_config() -> dict:
       dropout=0.0,              # on the adapter input, training steps only
       targets="all-linear",     # HF module names 'q_proj,v_proj,...' or 'all-linear'
       quantize="none",          # none | int8 | nf4: store the frozen base targets quantised (QLoRA)
+      double_quant=False,       # nf4 only: 8-bit absmax, blocks of 256 (bnb_4bit_use_double_quant)
       adapter_dtype="auto",     # auto = bfloat16 with a quantised base, else model.param_dtype
   )
 
@@ -63,6 +64,17 @@ class LoraSpec:
   targets: tuple = tuple(TARGETS)
   quantize: str = "none"
   adapter_dtype: str = "float32"
+  double_quant: bool = False
+
+  def __post_init__(self):
+    if self.double_quant and self.quantize != "nf4":
+      raise ValueError(f"lora.double_quant=True needs lora.quantize='nf4' (got "
+                       f"{self.quantize!r})")
+
+  @property
+  def stored_kind(self) -> str:
+    """The base's stored form (jpost.adapters.quant.LEAVES), or 'none'."""
+    return "nf4_dq" if self.double_quant else self.quantize
 
   @property
   def scale(self) -> float:
@@ -92,12 +104,14 @@ def spec_from_config(section, param_dtype: str = "float32") -> LoraSpec | None:
   """
   get = lambda k: section[k]
   rank, problems = get("rank"), []
+  # Absent from the config.json of runs older than the switch: they ran without it.
+  double_quant = section["double_quant"] if "double_quant" in section else False
   if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
     raise ValueError(f"lora.rank={rank!r}: expected an integer >= 0 (0 = off)")
   if rank == 0:
-    if get("quantize") != "none" or get("dropout"):
-      raise ValueError(f"lora.quantize={get('quantize')!r} / lora.dropout={get('dropout')!r} "
-                       "need adapters: set lora.rank > 0")
+    if get("quantize") != "none" or get("dropout") or double_quant:
+      raise ValueError(f"lora.quantize={get('quantize')!r} / lora.dropout={get('dropout')!r} / "
+                       f"lora.double_quant={double_quant!r} need adapters: set lora.rank > 0")
     return None
   alpha, dropout = float(get("alpha")), float(get("dropout"))
   if not alpha > 0:
@@ -106,6 +120,11 @@ def spec_from_config(section, param_dtype: str = "float32") -> LoraSpec | None:
     problems.append(f"lora.dropout={dropout} must be in [0, 1)")
   if get("quantize") not in QUANTIZE:
     problems.append(f"lora.quantize={get('quantize')!r}: expected one of {QUANTIZE}")
+  if not isinstance(double_quant, (bool, np.bool_)):
+    problems.append(f"lora.double_quant={double_quant!r}: expected True or False")
+  elif double_quant and get("quantize") != "nf4":
+    problems.append(f"lora.double_quant=True quantises the NF4 block absmax values: it needs "
+                    f"lora.quantize='nf4' (got {get('quantize')!r})")
   if get("adapter_dtype") not in ADAPTER_DTYPES:
     problems.append(f"lora.adapter_dtype={get('adapter_dtype')!r}: expected one of "
                     f"{ADAPTER_DTYPES}")
@@ -119,7 +138,8 @@ def spec_from_config(section, param_dtype: str = "float32") -> LoraSpec | None:
   if dtype == "auto":
     dtype = "bfloat16" if get("quantize") != "none" else jnp.dtype(param_dtype).name
   return LoraSpec(rank=int(rank), alpha=alpha, dropout=dropout, targets=targets,
-                  quantize=get("quantize"), adapter_dtype=dtype)
+                  quantize=get("quantize"), adapter_dtype=dtype,
+                  double_quant=bool(double_quant))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +225,8 @@ def count_adapter_params(spec: LoraSpec, model_cfg) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def quantize_base(lm, spec: LoraSpec, model_cfg) -> dict:
-  """The base with every targeted kernel replaced by its int8 / NF4 form (others unchanged)."""
+  """The base with every targeted kernel replaced by its int8 / NF4 (maybe double-quantised)
+  form (others unchanged)."""
   if spec.quantize == "none":
     return lm
   for name in spec.targets:
@@ -214,7 +235,7 @@ def quantize_base(lm, spec: LoraSpec, model_cfg) -> dict:
     if "kernel" not in node:
       raise ValueError(f"quantize_base: {'/'.join(path)} has no float kernel (already "
                        f"quantised: {sorted(node)})")
-    stored = quant.quantize(spec.quantize, node["kernel"], n_in)
+    stored = quant.quantize(spec.stored_kind, node["kernel"], n_in)
     lm = _replace(lm, path, {**{k: v for k, v in node.items() if k != "kernel"}, **stored})
   return lm
 
@@ -226,7 +247,7 @@ def base_axes(lm_axes, spec: LoraSpec) -> dict:
   for name in spec.targets:
     path, n_in, _ = TARGETS[name]
     node = get_path(lm_axes, path)
-    stored = quant.logical_axes(spec.quantize, node["kernel"], n_in)
+    stored = quant.logical_axes(spec.stored_kind, node["kernel"], n_in)
     lm_axes = _replace(lm_axes, path,
                        {**{k: v for k, v in node.items() if k != "kernel"}, **stored})
   return lm_axes
@@ -340,6 +361,6 @@ def add_adapters(params, axes, spec: LoraSpec, model_cfg, mesh, rules, key):
   print(f"LoRA r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)}: {n_lora / 1e6:.3f}M "
         f"trainable params ({100 * n_lora / n_base:.2f}% of {n_base / 1e6:.2f}M) in "
         f"{spec.adapter_dtype}; frozen base {before / 2**20:.1f} MiB"
-        + (f" -> {tree_bytes(built['lm']) / 2**20:.1f} MiB ({spec.quantize})"
+        + (f" -> {tree_bytes(built['lm']) / 2**20:.1f} MiB ({spec.stored_kind})"
            if spec.quantize != "none" else ""), flush=True)
   return new_params, new_axes, shardings

@@ -11,8 +11,17 @@ its own slice and the layer dequantises only that slice (`dequantize_*` takes on
   (zero-padded at the end); each block stores its absmax (float32) and, per value, the index of
   the nearest of the 16 NormalFloat levels of w / absmax, two 4-bit indices per byte:
   `codes [L, n_blocks, 32, *out] uint8` (element 2j in the low nibble, 2j + 1 in the high one),
-  `absmax [L, n_blocks, *out]`. About 4.5 bits per weight (QLoRA's double quantisation of the
-  absmax values, which saves another 0.37 bit, is not implemented).
+  `absmax [L, n_blocks, *out]`. About 4.5 bits per weight.
+- nf4 + double quantisation (QLoRA's, bitsandbytes' `bnb_4bit_use_double_quant`; stored kind
+  'nf4_dq'): the same codes; the absmax values lose their per-tensor (= per layer) mean and are
+  stored as 8-bit codes of bitsandbytes' signed dynamic map (`DYNAMIC_MAP`), each the nearest
+  level of value / (absmax of its block of 256): `absmax_q8 [L, n_blocks, *out] uint8`,
+  `absmax_scale [L, n_blocks, ceil(O / 256)] f32` (O = prod(out); the 256-blocks run along the
+  flattened output dims of one block row, the last one zero-padded when 256 does not divide O),
+  `absmax_mean [L] f32`. absmax ~= DYNAMIC_MAP[q8] * scale + mean. About 4.127 bits per weight
+  (8 + 32 / 256 bits per 64 weights for the scales instead of 32). bitsandbytes cuts its
+  256-blocks from the flat absmax of the whole tensor; both agree whenever 256 divides O (every
+  real model's projections), only the padding of tiny shapes differs.
 
 Blocks run along the input dims so the arrays keep the kernel's output axes and the block axis
 can be sharded like the kernel's first input dim (see `logical_axes`).
@@ -32,8 +41,29 @@ NF4_LEVELS = np.array([
 # Decision boundaries between neighbouring levels: index = number of midpoints below the value.
 _NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 
-# Names of the stored leaves that replace `kernel` in a projection's params.
-LEAVES = {"int8": ("kernel_int8", "kernel_scale"), "nf4": ("kernel_nf4", "kernel_absmax")}
+DQ_BLOCK = 256
+
+
+def _dynamic_map():
+  """bitsandbytes' signed dynamic 8-bit map (`create_dynamic_map(signed=True)`, Dettmers 2015):
+  for exponents 10^-6 .. 10^0, the midpoints of 2^i + 1 evenly spaced fractions in [0.1, 1],
+  both signs, plus 0 and 1: 256 sorted levels in [-0.993, 1]."""
+  data = [0.0, 1.0]
+  for i in range(7):
+    fractions = np.linspace(0.1, 1, 2 ** i + 1)
+    means = (fractions[:-1] + fractions[1:]) / 2 * 10.0 ** (i - 6)
+    data += list(means) + list(-means)
+  return np.sort(np.array(data, np.float32))
+
+
+DYNAMIC_MAP = _dynamic_map()
+_DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[1:] + DYNAMIC_MAP[:-1]) / 2
+
+# Names of the stored leaves that replace `kernel` in a projection's params; the first is the
+# weight codes. 'nf4_dq' is `lora.quantize=nf4` with `lora.double_quant`.
+LEAVES = {"int8": ("kernel_int8", "kernel_scale"), "nf4": ("kernel_nf4", "kernel_absmax"),
+          "nf4_dq": ("kernel_nf4", "kernel_absmax_q8", "kernel_absmax_scale",
+                     "kernel_absmax_mean")}
 
 
 def _split_dims(shape, n_in):
@@ -77,9 +107,49 @@ def quantize_nf4(w, n_in: int):
   return {"kernel_nf4": codes.astype(jnp.uint8), "kernel_absmax": absmax}
 
 
+def _dq_rows(x, n_out):
+  """[..., nb, *out] -> [..., nb, n_256, 256]: each block row's flattened outputs, zero-padded."""
+  lead = x.shape[:-n_out]
+  rows = x.reshape(lead + (-1,))
+  o = rows.shape[-1]
+  pad = -(-o // DQ_BLOCK) * DQ_BLOCK - o
+  rows = jnp.pad(rows, [(0, 0)] * len(lead) + [(0, pad)])
+  return rows.reshape(lead + (-1, DQ_BLOCK))
+
+
+def quantize_nf4_dq(w, n_in: int):
+  """NF4 plus double quantisation of the absmax: {'kernel_nf4', 'kernel_absmax_q8' [L, nb, *out]
+  uint8, 'kernel_absmax_scale' [L, nb, n_256] f32, 'kernel_absmax_mean' [L] f32}."""
+  stored = quantize_nf4(w, n_in)
+  absmax = stored.pop("kernel_absmax")
+  layers, outs = absmax.shape[0], absmax.shape[2:]
+  mean = jnp.mean(absmax.reshape(layers, -1), axis=1)
+  rows = _dq_rows(absmax - mean.reshape((layers,) + (1,) * (absmax.ndim - 1)), len(outs))
+  scale = jnp.max(jnp.abs(rows), axis=-1)
+  safe = jnp.where(scale > 0, scale, 1.0)[..., None]
+  q8 = jnp.searchsorted(jnp.asarray(_DYNAMIC_MIDPOINTS), (rows / safe).reshape(-1), side="left")
+  o = int(np.prod(outs))
+  q8 = q8.reshape(rows.shape[:-2] + (-1,))[..., :o].reshape(absmax.shape).astype(jnp.uint8)
+  return dict(stored, kernel_absmax_q8=q8, kernel_absmax_scale=scale, kernel_absmax_mean=mean)
+
+
+def dequantize_absmax(stored):
+  """One layer's NF4 absmax [nb, *out] f32 from its double-quantised form."""
+  q8 = stored["kernel_absmax_q8"]
+  scale = stored["kernel_absmax_scale"].astype(jnp.float32)
+  n_out = q8.ndim - 1
+  rows = _dq_rows(q8.astype(jnp.int32), n_out)                  # [nb, n_256, 256]
+  values = jnp.take(jnp.asarray(DYNAMIC_MAP), rows) * scale[..., None]
+  o = int(np.prod(q8.shape[1:]))
+  values = values.reshape(q8.shape[0], -1)[:, :o].reshape(q8.shape)
+  return values + stored["kernel_absmax_mean"].astype(jnp.float32)
+
+
 def dequantize_nf4(stored, shape, n_in: int, dtype):
-  """One layer: codes [nb, 32, *out], absmax [nb, *out] -> w `shape` ([*in, *out]) in `dtype`."""
-  codes, absmax = stored["kernel_nf4"], stored["kernel_absmax"]
+  """One layer: codes [nb, 32, *out], absmax [nb, *out] (or its double-quantised form) -> w
+  `shape` ([*in, *out]) in `dtype`."""
+  codes = stored["kernel_nf4"]
+  absmax = stored["kernel_absmax"] if "kernel_absmax" in stored else dequantize_absmax(stored)
   ins, outs = tuple(shape[:n_in]), tuple(shape[n_in:])
   n_blocks = codes.shape[0]
   pairs = jnp.stack([codes & 15, codes >> 4], axis=2)        # [nb, 32, 2, *out]
@@ -94,13 +164,15 @@ def quantize(kind: str, w, n_in: int) -> dict:
     return quantize_int8(w, n_in)
   if kind == "nf4":
     return quantize_nf4(w, n_in)
-  raise ValueError(f"quantize={kind!r}: expected one of {KINDS}")
+  if kind == "nf4_dq":
+    return quantize_nf4_dq(w, n_in)
+  raise ValueError(f"quantize={kind!r}: expected one of {tuple(LEAVES)}")
 
 
 def stored_kind(leaves: dict) -> str | None:
   """Which quantised form a projection's params dict holds (None: a plain `kernel`)."""
-  for kind, (codes, _) in LEAVES.items():
-    if codes in leaves:
+  for kind, names in LEAVES.items():
+    if all(n in leaves for n in names):
       return kind
   return None
 
@@ -122,10 +194,16 @@ def logical_axes(kind: str, kernel_axes: tuple, n_in: int) -> dict:
 
   int8 codes keep the kernel's axes; scales its output axes. NF4's block axis takes the name of
   the kernel's first input dim (blocks are contiguous runs of it), so FSDP splits the stored
-  base like the float kernel it replaces; the 32 packed pairs are never split.
+  base like the float kernel it replaces; the 32 packed pairs are never split. Double
+  quantisation's 8-bit absmax codes take the absmax's axes, their 256-block scales only the
+  block axis (a few bytes per block row), the per-layer mean only 'layers'.
   """
   layers, ins, outs = kernel_axes[0], kernel_axes[1:1 + n_in], kernel_axes[1 + n_in:]
   if kind == "int8":
     return {"kernel_int8": tuple(kernel_axes), "kernel_scale": (layers,) + tuple(outs)}
-  return {"kernel_nf4": (layers, ins[0], None) + tuple(outs),
-          "kernel_absmax": (layers, ins[0]) + tuple(outs)}
+  out = {"kernel_nf4": (layers, ins[0], None) + tuple(outs),
+         "kernel_absmax": (layers, ins[0]) + tuple(outs)}
+  if kind == "nf4_dq":
+    out["kernel_absmax_q8"] = out.pop("kernel_absmax")
+    out.update(kernel_absmax_scale=(layers, ins[0], None), kernel_absmax_mean=(layers,))
+  return out

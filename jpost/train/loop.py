@@ -150,7 +150,8 @@ def lora_base(cfg, model_cfg):
 def base_fingerprint(cfg, lm) -> dict:
   """meta[train_ckpt.FROZEN_BASE] of a LoRA run: what its checkpoints leave out, identified."""
   return train_ckpt.base_fingerprint(
-      lm, f"model.init={cfg.model.init}, lora.quantize={cfg.lora.quantize}")
+      lm, f"model.init={cfg.model.init}, lora.quantize={cfg.lora.quantize}"
+      + (", lora.double_quant=True" if cfg.lora.get("double_quant") else ""))
 
 
 def state_shardings_of(abstract_state, param_shardings, optimizer, mesh):

@@ -191,3 +191,26 @@ def test_quantised_base_shards_like_the_float_kernels():
                                        {"lm": models.param_logical_axes(cfg)},
                                        spec, cfg, mesh, rules, jax.random.PRNGKey(1))
     assert _spec_of(params["lm"]["layers"]["attn"]["q_proj"][leaf]) == want
+  # Double quantisation: the 8-bit absmax like the absmax, its 256-block scales by block row.
+  spec = dataclasses.replace(SPEC, quantize="nf4", double_quant=True)
+  with sharding.axis_rules(rules, mesh):
+    params, _, _ = lora.add_adapters({"lm": random_params(cfg)},
+                                     {"lm": models.param_logical_axes(cfg)},
+                                     spec, cfg, mesh, rules, jax.random.PRNGKey(1))
+  q_proj = params["lm"]["layers"]["attn"]["q_proj"]
+  assert _spec_of(q_proj["kernel_absmax_q8"]) == (None, "fsdp", "tensor", None)
+  assert _spec_of(q_proj["kernel_absmax_scale"]) == (None, "fsdp", None)
+
+
+def test_qlora_double_quant_step_trains_only_the_adapters():
+  """QLoRA with `lora.double_quant` (8-bit absmax): the step runs, learns, and leaves the
+  double-quantised base bit-identical."""
+  spec = dataclasses.replace(QSPEC, double_quant=True)
+  initial, state, metrics, _ = _run("sigmoid", spec, _one_device_mesh(), 2, _momentum_sgd)
+  down = state.params["lm"]["layers"]["mlp"]["down_proj"]
+  assert "kernel_absmax_q8" in down and "kernel_absmax" not in down
+  assert sum(x.size for x in jax.tree.leaves(state.opt_state)) == lora.count_adapter_params(
+      spec, CFG)
+  np.testing.assert_allclose(metrics[0]["train/loss"], math.log(2), rtol=1e-6)
+  assert metrics[1]["train/loss"] < math.log(2) - 1e-3
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["lm"]), initial["lm"])
