@@ -248,17 +248,9 @@ def attend_cached(q_BTHK, k_cache_BSGK, v_cache_BSGK, cache_mask_B1TS, k_BTGK, v
   XLA path (float32 scores, GQA without repeating k / v), soft-cap as in `_attend_xla`.
   """
   b, t, h, k = q_BTHK.shape
-  g = k_cache_BSGK.shape[2]
-  q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
-
-  def scores(keys_BSGK, mask_B1TS):
-    s_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, keys_BSGK,
-                         preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-      s_BGRTS = jnp.tanh(s_BGRTS / softcap) * softcap
-    return jnp.where(mask_B1TS[:, :, None], s_BGRTS, _MASK_VALUE)
-
+  q_BTGRK = _group_heads(q_BTHK, k_cache_BSGK.shape[2])
   s = k_cache_BSGK.shape[1]
+  scores = lambda keys, mask: _masked_scores(q_BTGRK, keys, mask, scale=scale, softcap=softcap)
   probs = jax.nn.softmax(jnp.concatenate([scores(k_cache_BSGK, cache_mask_B1TS),
                                           scores(k_BTGK, new_mask_B1TT)], axis=-1), axis=-1)
   dtype = v_cache_BSGK.dtype
@@ -269,17 +261,27 @@ def attend_cached(q_BTHK, k_cache_BSGK, v_cache_BSGK, cache_mask_B1TS, k_BTGK, v
   return out_BTGRK.reshape(b, t, h, k).astype(q_BTHK.dtype)
 
 
-def _attend_xla(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap):
+def _group_heads(q_BTHK, g):
+  """[B, T, G, R, K]: query heads grouped by the kv head they share (GQA / MQA), so k / v are
+  never repeated."""
   b, t, h, k = q_BTHK.shape
-  g = k_BSGK.shape[2]
-  # Group the query heads by the kv head they share instead of repeating k/v (GQA / MQA).
-  q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
+  return q_BTHK.reshape(b, t, g, h // g, k)
+
+
+def _masked_scores(q_BTGRK, k_BSGK, mask_B1TS, *, scale, softcap):
+  """float32 scores [B, G, R, T, S], soft-capped, masked positions at _MASK_VALUE."""
   scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK,
                             preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     # Gemma 2 caps the scaled scores before masking (transformers' eager path does the same).
     scores_BGRTS = jnp.tanh(scores_BGRTS / softcap) * softcap
-  scores_BGRTS = jnp.where(mask_B1TS[:, :, None], scores_BGRTS, _MASK_VALUE)
+  return jnp.where(mask_B1TS[:, :, None], scores_BGRTS, _MASK_VALUE)
+
+
+def _attend_xla(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, scale, softcap):
+  b, t, h, k = q_BTHK.shape
+  scores_BGRTS = _masked_scores(_group_heads(q_BTHK, k_BSGK.shape[2]), k_BSGK, mask_B1TS,
+                                scale=scale, softcap=softcap)
   probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
   out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
   return out_BTGRK.reshape(b, t, h, k)
