@@ -134,19 +134,28 @@ def _export(monkeypatch, *argv):
   helpers.load_script("export_hf").main()
 
 
-def test_killed_qlora_run_resumes_exactly_and_readers_rebuild_its_base(tmp_path, monkeypatch):
-  """An NF4 QLoRA SFT run from an HF directory (bfloat16 adapters), SIGKILLed after its step-2
-  checkpoint and resumed, repeats the uninterrupted run bit for bit; its checkpoints hold no base
-  arrays; load_params, resolve.load and export_hf.py (merged and PEFT) see the base the run had
-  (the HF weights, quantised) and its adapters; after the HF files change, a reader and a resume
-  both refuse."""
+def _qlora_run(tmp_path):
+  """An NF4 QLoRA SFT run (bfloat16 adapters) from an HF directory -> (hf_dir, flags, compile
+  cache env, workdir)."""
   hf_dir = str(tmp_path / "hf")
   models.save_hf(CFG, helpers.random_params(CFG), hf_dir)
   flags = dict(FLAGS, **{"model.init": f"hf:{hf_dir}"})
   cache = helpers.compile_cache_env(tmp_path / "jax_cache")
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  straight = str(tmp_path / "straight")
   r = helpers.train(straight, flags, extra_env=cache)
   assert r.returncode == 0, r.stderr[-3000:]
+  return hf_dir, flags, cache, straight
+
+
+# Slow (two more training processes, ~50 s): the default run covers adapter-only restore and its
+# exactness in the unit test above, state dtypes that survive an update
+# (tests/models/test_precision_options.py) and kill-and-resume (tests/train/test_resume.py).
+@pytest.mark.slow
+def test_killed_qlora_run_resumes_exactly(tmp_path):
+  """The QLoRA run SIGKILLed after its step-2 checkpoint and resumed repeats the uninterrupted
+  run bit for bit; its checkpoints hold no base arrays."""
+  _, flags, cache, straight = _qlora_run(tmp_path)
+  killed = str(tmp_path / "killed")
   r = helpers.train(killed, flags, fault="kill_after_save:2", extra_env=cache)
   assert r.returncode == -9, (r.returncode, r.stderr[-3000:])
   assert max(helpers.metrics_by_step(killed)) == 2
@@ -156,8 +165,17 @@ def test_killed_qlora_run_resumes_exactly_and_readers_rebuild_its_base(tmp_path,
   a, b = helpers.metrics_by_step(straight), helpers.metrics_by_step(killed)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   assert a == b
+  for step in (2, 4):
+    assert sorted(_saved_params(os.path.join(killed, "checkpoints"), step)) == ["lora"]
+  _equal(train_ckpt.load_params(straight), train_ckpt.load_params(killed))
 
-  checkpoints = os.path.join(killed, "checkpoints")
+
+def test_qlora_readers_rebuild_its_base_and_refuse_another(tmp_path, monkeypatch):
+  """A QLoRA run's checkpoints hold no base arrays; load_params, resolve.load and export_hf.py
+  (merged and PEFT) see the base the run had (the HF weights, quantised) and its adapters; after
+  the quantisation or the HF files change, a reader and a resume both refuse."""
+  hf_dir, flags, _, straight = _qlora_run(tmp_path)
+  checkpoints = os.path.join(straight, "checkpoints")
   for step in (2, 4):
     assert sorted(_saved_params(checkpoints, step)) == ["lora"]
   with open(os.path.join(checkpoints, "4", "meta", "metadata")) as f:
@@ -167,7 +185,6 @@ def test_killed_qlora_run_resumes_exactly_and_readers_rebuild_its_base(tmp_path,
 
   # Readers rebuild the base from config.json: what a checkpoint holding it gave them.
   params = train_ckpt.load_params(straight)
-  _equal(params, train_ckpt.load_params(killed))
   section = _config(flags).lora
   spec = lora.spec_from_config(section)
   base = jax.jit(lora.quantize_base, static_argnums=(1, 2))(models.load_hf(hf_dir)[1], spec, CFG)
